@@ -1,0 +1,83 @@
+"""Atomic outputs: write to a temporary sibling, then rename into place; never clobber without force."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import KvtoolError
+
+
+def check_writable_file(path: str | Path, force: bool) -> Path:
+    """Refuse to overwrite an existing file unless ``force``."""
+    path = Path(path)
+    if path.is_dir():
+        raise KvtoolError(f"{path} is a directory; give a file path")
+    if path.exists() and not force:
+        raise KvtoolError(f"{path} already exists; pass --force to overwrite it")
+    return path
+
+
+def check_writable_dir(path: str | Path, force: bool) -> Path:
+    """Refuse a non-empty existing directory (or a file) unless ``force``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise KvtoolError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise KvtoolError(f"{path} is not empty; pass --force to replace it")
+    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path``, on any error it is removed.
+
+    An interrupted write (Ctrl-C, disk full) therefore never leaves a ``path`` that looks complete.
+    """
+    path = check_writable_dir(path, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
