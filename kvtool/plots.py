@@ -1,0 +1,75 @@
+"""PNG figures: the layer-distance heatmap (with a sharing map drawn on it) and the quality-vs-memory frontier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def distance_heatmap(dist: np.ndarray, path: str | Path, title: str = "", kv_source_layers: list[int] | None = None
+                     ) -> Path:
+    """Heatmap of a layer x layer distance matrix; ``kv_source_layers`` marks each consumer→source pair."""
+    plt = _plt()
+    n = dist.shape[0]
+    fig, ax = plt.subplots(figsize=(6.4, 5.4), dpi=110)
+    im = ax.imshow(dist, cmap="viridis", origin="upper")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="distance")
+    if kv_source_layers is not None:
+        pairs = [(j, s) for j, s in enumerate(kv_source_layers) if s != j]
+        if pairs:
+            ax.scatter([s for _, s in pairs], [j for j, _ in pairs], marker="s", s=40, facecolors="none",
+                       edgecolors="red", linewidths=1.5, label="layer (row) reads source (column)")
+            ax.legend(loc="upper right", fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    step = max(1, n // 10)
+    ax.set_xticks(range(0, n, step))
+    ax.set_yticks(range(0, n, step))
+    ax.set_title(title or "KV distance between layers (calibration averages)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def frontier(points: list[dict], path: str | Path, base_ppl: float | None = None) -> Path:
+    """Perplexity against KV bytes (fraction of the base) for several plans; ``points``: {label, kv_ratio, ppl}."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    for p in points:
+        ax.scatter(p["kv_ratio"], p["ppl"], s=30)
+        ax.annotate(p["label"], (p["kv_ratio"], p["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if base_ppl is not None:
+        ax.scatter([1.0], [base_ppl], marker="*", s=120, color="black", label="base")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("KV-cache bytes (fraction of base)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.set_title("Quality vs KV memory", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    from kvtool.atomic import write_bytes_atomic
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    write_bytes_atomic(path, buf.getvalue())
