@@ -40,3 +40,30 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str | No
 
 
 TINY_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3")
+
+
+def tiny_tokenizer(vocab_size: int = 128):
+    """A small BPE tokenizer trained in milliseconds on the shipped calibration text (for offline tests)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from kvtool.data import default_data_path
+
+    text = (default_data_path() / "default.txt").read_text()
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=[], show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(path, arch: str = "llama", seed: int = 0, **overrides):
+    """Write a tiny random model and its tokenizer to ``path`` (a loadable HF directory)."""
+    model = tiny_model(arch, seed=seed, **overrides)
+    tok = tiny_tokenizer(model.config.vocab_size)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
