@@ -69,7 +69,7 @@ class SharingPlan:
         """Raise ``KvtoolError`` naming the first fault; return self when the plan is valid."""
         src = self.kv_source_layers
         if self.version != PLAN_VERSION:
-            raise KvtoolError(f"plan version {self.version} is not supported (this kvtool reads version {PLAN_VERSION})")
+            raise _version_error(self.version)
         if not isinstance(src, list) or not src or not all(isinstance(s, int) and not isinstance(s, bool) for s in src):
             raise KvtoolError("plan: kv_source_layers must be a non-empty list of integers")
         if num_layers is not None and len(src) != num_layers:
@@ -115,7 +115,7 @@ class SharingPlan:
         if "kv_source_layers" not in d:
             raise KvtoolError("plan: missing kv_source_layers")
         if "version" in d and d["version"] != PLAN_VERSION:
-            raise KvtoolError(f"plan version {d['version']} is not supported (this kvtool reads version {PLAN_VERSION})")
+            raise _version_error(d["version"])
         plan = cls(**d)
         if plan.details is None:
             plan.details = {}
@@ -139,6 +139,10 @@ class SharingPlan:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise KvtoolError(f"{path} is not valid JSON: {e}") from e
         return cls.from_dict(d)
+
+
+def _version_error(version: object) -> KvtoolError:
+    return KvtoolError(f"plan version {version} is not supported (this kvtool reads version {PLAN_VERSION})")
 
 
 def resolve_chains(src: list[int]) -> list[int]:
