@@ -50,7 +50,8 @@ def worker(variant: str, batch: int, prompt: int, new: int, plan_path: str | Non
     kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (getattr(layer, "keys", None),
              getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
     return {"variant": variant, "consumers": len(plan.consumers), "kv_bytes": kv, "prefill_s": prefill,
-            "decode_tok_s": batch * new / decode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "decode_tok_s": batch * new / decode,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:

@@ -98,10 +98,87 @@ def _not_yet(name: str) -> None:
     _fail(f"`kvtool {name}` is not yet available in this version", 2)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def search() -> None:
-    """Find a sharing map (KVSharer greedy search, orders and fixed layouts)."""
-    _not_yet("search")
+@app.command()
+@handle_errors
+def search(
+    stats: Annotated[Path, typer.Option("--stats", "-s", help="directory written by `kvtool calibrate`")],
+    out_path: Annotated[Path | None, typer.Option("--out", "-o", help="plan JSON to write")] = None,
+    target: Annotated[float | None, typer.Option(help="fraction of layers that stop storing KV")] = 0.3,
+    layers: Annotated[int | None, typer.Option(help="number of consumer layers (instead of --target)")] = None,
+    threshold: Annotated[float | None, typer.Option(help="accept a pair if cosine >= T (default 0.5) "
+                                                         "or KL <= T nats (default 0.5)")] = None,
+    order: Annotated[str, typer.Option(help="dissimilar (KVSharer), similar or random")] = "dissimilar",
+    distance: Annotated[str, typer.Option(help="euclidean (paper), kvsharer (official code) or cosine")] = "euclidean",
+    validate: Annotated[str, typer.Option(help="cosine (paper) or kl")] = "cosine",
+    layout: Annotated[str | None, typer.Option(help="fixed layout instead of a search: adjacent, tail, "
+                                                    "grouped")] = None,
+    group_size: Annotated[int, typer.Option(help="layers per group for --layout grouped")] = 4,
+    seed: Annotated[int, typer.Option(help="seed for --order random")] = 0,
+    merge_budget: Annotated[float | None, typer.Option(help="also record KVMerger thresholds for this budget "
+                                                            "(fraction of prompt KV kept)")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="fail if the target is not reached")] = False,
+    compare_: Annotated[bool, typer.Option("--compare", help="run every order and layout at --target and "
+                                                            "print one table")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="with --compare: write the table as JSON")] = None,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Find a sharing map: KVSharer's greedy search (or a fixed layout) validated on the calibration set."""
+    from kvtool.search import search as run
+
+    if compare_:
+        _compare(stats, target, layers, threshold, seed, model, dtype, device, json_out, force)
+        return
+    if out_path is None:
+        _fail("give --out plan.json (or --compare)")
+
+    def on_try(r: dict) -> None:
+        mark = "[green]kept[/]" if r["accepted"] else "[red]rejected[/]"
+        out.print(f"  {r['j']:>3} ← {r['source']:<3} score {r['score']:.4f} {mark}", highlight=False)
+
+    res = run(stats, model=model, target=target, layers=layers, threshold=threshold, order=order,
+              distance=distance, validate=validate, seed=seed, layout=layout, group_size=group_size, strict=strict,
+              merge_budget=merge_budget, out=out_path, force=force, dtype=dtype, device=device, on_try=on_try,
+              warn=lambda m: err.print(f"[yellow]warning:[/] {m}"))
+    p = res.plan
+    score = "" if p.score is None else f", final score {p.score:.4f}"
+    tried = f" after {len(res.tries)} pairs" if res.tries else ""
+    out.print(f"{p.describe()}{tried}{score}; KV kept {p.kv_fraction:.2f} of base, {res.seconds:.1f} s")
+    out.print(f"wrote {out_path}")
+
+
+def _compare(stats, target, layers, threshold, seed, model, dtype, device, json_out, force) -> None:
+    from rich.table import Table
+
+    from kvtool.atomic import check_writable_file, write_json_atomic
+    from kvtool.calibrate import CalibrationStats
+    from kvtool.compare import compare, rank_correlation, rows_as_dicts
+    from kvtool.loading import load
+    from kvtool.search import num_consumers
+
+    if json_out is not None:
+        check_writable_file(json_out, force)
+    st = CalibrationStats.load(stats)
+    m, tok = load(model if model is not None else st.meta.get("model"), dtype=dtype, device=device)
+    if layers is not None:
+        target = num_consumers(st.num_layers, None, layers) / st.num_layers
+    rows = compare(st, m, tok, target, seed=seed, threshold=threshold, log=lambda s: out.print(f"  {s}"))
+    base = rows[0].heldout_ppl
+    t = Table(title=f"{st.meta['model_name']}: sharing maps at target {target:g} (held-out pydoc perplexity)")
+    for c in ("map", "consumers", "calib cosine", "calib KL", "held-out ppl", "× base", "search s"):
+        t.add_column(c, justify="left" if c == "map" else "right")
+    for r in rows:
+        t.add_row(r.name, str(r.consumers), f"{r.calib_cosine:.4f}", f"{r.calib_kl:.4f}", f"{r.heldout_ppl:.2f}",
+                  f"{r.heldout_ppl / base:.2f}", f"{r.search_s:.1f}")
+    out.print(t)
+    corr = rank_correlation(rows[1:])
+    out.print(f"Spearman correlation with held-out perplexity over these maps: 1 - cosine {corr['cosine']:+.2f}, "
+              f"KL {corr['kl']:+.2f}")
+    if json_out is not None:
+        write_json_atomic(json_out, {"target": target, "rows": rows_as_dicts(rows), "spearman": corr})
+        out.print(f"wrote {json_out}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

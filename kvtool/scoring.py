@@ -175,7 +175,7 @@ class Scorer:
     def accept(self, token: object) -> None:
         """Make a scored plan the accepted one, reusing what its scoring run captured."""
         plan, start, caps = token
-        for b, cap in zip(self.batches, caps):
+        for b, cap in zip(self.batches, caps, strict=True):
             if self.incremental:
                 new_h, new_kv = cap
                 for idx, h in new_h.items():

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kvtool.calibrate import calibrate
+from kvtool.cli import app
+from kvtool.errors import KvtoolError
+from kvtool.merge_plan import merge_settings
+from kvtool.plan import SharingPlan
+from kvtool.runtime import sharing
+from kvtool.scoring import Scorer
+from kvtool.search import rank_pairs, search, with_pair
+from kvtool.tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_stats(tok):
+    m = tiny_model("llama", num_hidden_layers=8)
+    return m, calibrate(m, tokenizer=tok, samples=6, seq_len=24, batch_size=4)
+
+
+def test_rank_orders():
+    d = torch.tensor([[0, 5, 1], [5, 0, 3], [1, 3, 0]], dtype=torch.float)
+    full = ["full_attention"] * 3
+    assert rank_pairs(d, full, "dissimilar") == [(0, 1), (1, 2), (0, 2)]
+    assert rank_pairs(d, full, "similar") == [(0, 2), (1, 2), (0, 1)]
+    assert sorted(rank_pairs(d, full, "random", seed=1)) == [(0, 1), (0, 2), (1, 2)]
+    mixed = ["full_attention", "sliding_attention", "full_attention"]
+    assert rank_pairs(d, mixed, "dissimilar") == [(0, 2)]
+
+
+def test_chain_resolution():
+    assert with_pair([0, 1, 2, 3], 1, 3) == [0, 1, 2, 1]
+    assert with_pair([0, 0, 2, 3], 1, 3) == [0, 0, 2, 0]  # i is a consumer: j reads i's source
+    assert with_pair([0, 1, 2, 1], 0, 1) == [0, 0, 2, 0]  # j had readers: they follow j to its new source
+
+
+def test_incremental_scores_equal_full_scores(llama_stats):
+    m, st = llama_stats
+    kw = dict(metric="cosine", batch_size=4)
+    inc = Scorer(m, st.input_ids, st.final_hidden, incremental=True, **kw)
+    full = Scorer(m, st.input_ids, st.final_hidden, incremental=False, **kw)
+    base = SharingPlan.identity(8)
+    assert inc.reset(base) == pytest.approx(1.0, abs=1e-5)
+    full.reset(base)
+    p1 = SharingPlan([0, 1, 2, 3, 4, 2, 6, 7])
+    a, ta = inc.score(p1, start=5)
+    b, tb = full.score(p1)
+    assert a == pytest.approx(b, abs=1e-5)
+    inc.accept(ta)
+    full.accept(tb)
+    p2 = SharingPlan([0, 1, 2, 1, 4, 2, 6, 1])
+    assert inc.score(p2)[0] == pytest.approx(full.score(p2)[0], abs=1e-5)
+    assert inc.layer_forwards < full.layer_forwards
+    # the score is the real output cosine of the shared model
+    with torch.no_grad(), sharing(m, p2):
+        h = m.model(input_ids=st.input_ids).last_hidden_state
+    expect = torch.nn.functional.cosine_similarity(h.flatten(1), st.final_hidden.flatten(1)).mean()
+    assert inc.score(p2)[0] == pytest.approx(float(expect), abs=1e-5)
+
+
+def test_kl_metric_is_zero_for_identity(llama_stats):
+    m, st = llama_stats
+    s = Scorer(m, st.input_ids, st.final_hidden, metric="kl", batch_size=4)
+    assert s.reset(SharingPlan.identity(8)) == pytest.approx(0.0, abs=1e-6)
+    assert s.score(SharingPlan([0, 0, 2, 3, 4, 5, 6, 7]))[0] > 0
+
+
+def test_greedy_walks_in_order_and_stops_at_target(llama_stats):
+    m, st = llama_stats
+    r = search(st, model=m, layers=3, threshold=-1.0)  # everything passes: the first admissible pairs win
+    pairs = rank_pairs(st.distance("euclidean"), ["full_attention"] * 8, "dissimilar")
+    assert len(r.plan.consumers) == 3 and not r.exhausted
+    assert [(t["i"], t["j"]) for t in r.tries][0] == pairs[0]
+    assert all(t["accepted"] for t in r.tries)
+    r.plan.validate(8)
+
+
+def test_threshold_rejects_and_exhaustion(llama_stats):
+    m, st = llama_stats
+    warned = []
+    r = search(st, model=m, layers=2, threshold=1.01, warn=warned.append)  # nothing can pass
+    assert r.exhausted and r.plan.consumers == [] and warned
+    with pytest.raises(KvtoolError, match="ran out"):
+        search(st, model=m, layers=2, threshold=1.01, strict=True)
+
+
+def test_incremental_and_full_search_agree_on_gemma3(tok):
+    m = tiny_model("gemma3_text")
+    st = calibrate(m, tokenizer=tok, samples=4, seq_len=20, batch_size=4)
+    a = search(st, model=m, layers=2, threshold=0.0, incremental=True)
+    b = search(st, model=m, layers=2, threshold=0.0, incremental=False)
+    assert a.plan.kv_source_layers == b.plan.kv_source_layers
+    assert [t["score"] for t in a.tries] == pytest.approx([t["score"] for t in b.tries], abs=1e-5)
+    a.plan.validate(6, st.meta["layer_types"])
+
+
+def test_deterministic_bytes_and_fingerprint_check(llama_stats, tmp_path):
+    m, st = llama_stats
+    search(st, model=m, layers=2, order="random", seed=3, out=tmp_path / "a.json")
+    search(st, model=m, layers=2, order="random", seed=3, out=tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    other = tiny_model("llama", num_hidden_layers=8, seed=1)
+    with pytest.raises(KvtoolError, match="fingerprint"):
+        search(st, model=other, layers=2)
+
+
+def test_merge_thresholds_meet_budget(llama_stats):
+    _, st = llama_stats
+    s = merge_settings(st, 0.5)
+    assert s["thresholds"][0] is None and s["thresholds"][1] is None and s["thresholds"][-1] is None
+    from kvtool.calibrate import sim_fraction_above
+
+    hist = st.tensors["keysim_hist"]
+    for layer in range(2, 7):
+        for h, thr in enumerate(s["thresholds"][layer]):
+            # merging every adjacent pair above the threshold keeps at most the per-layer budget
+            assert 1 - float(sim_fraction_above(hist[layer, h], thr)) <= s["layer_budget"] + 1e-6
+    # model-wide budget: protected layers keep everything, the others their share
+    assert (3 * 1.0 + 5 * s["layer_budget"]) / 8 == pytest.approx(0.5)
+
+
+def test_cli_search_and_compare(tiny_dir, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "--samples", "4", "--seq-len", "16",
+                            "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["search", "--stats", str(tmp_path / "c"), "--target", "0.34", "--out",
+                            str(tmp_path / "plan.json"), "--threshold", "0.0", "--merge-budget", "0.5"])
+    assert r.exit_code == 0, r.output
+    plan = SharingPlan.load(tmp_path / "plan.json")
+    assert len(plan.consumers) == 2 and plan.merge["budget"] == 0.5
+    r = runner.invoke(app, ["search", "--stats", str(tmp_path / "c"), "--layout", "tail", "--layers", "2", "--out",
+                            str(tmp_path / "tail.json")])
+    assert r.exit_code == 0 and SharingPlan.load(tmp_path / "tail.json").kv_source_layers == [0, 1, 2, 3, 3, 3]
+    r = runner.invoke(app, ["search", "--stats", str(tmp_path / "c"), "--target", "0.34", "--compare",
+                            "--json", str(tmp_path / "cmp.json")])
+    assert r.exit_code == 0, r.output
+    assert "order=dissimilar" in r.output and "layout=tail" in r.output
+    rows = json.loads((tmp_path / "cmp.json").read_text())["rows"]
+    assert rows[0]["calib_cosine"] == pytest.approx(1.0, abs=1e-4) and rows[0]["calib_kl"] == pytest.approx(0, abs=1e-5)
+    r = runner.invoke(app, ["search", "--stats", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])
+    assert r.exit_code == 2 and "not a calibration directory" in r.output
