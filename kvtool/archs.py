@@ -5,18 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvtool.errors import KvtoolError
-
-# model_type -> how its attention projects Q/K/V. "fused": one qkv_proj (Phi-3); "qk_norm": q_norm/k_norm modules,
-# applied before ("pre") or after ("post") the head transpose.
-ARCHS: dict[str, dict[str, object]] = {
-    "llama": {"fused": False, "qk_norm": None},
-    "mistral": {"fused": False, "qk_norm": None},
-    "qwen2": {"fused": False, "qk_norm": None},
-    "qwen3": {"fused": False, "qk_norm": "pre"},
-    "gemma2": {"fused": False, "qk_norm": None},
-    "gemma3_text": {"fused": False, "qk_norm": "post"},
-    "phi3": {"fused": True, "qk_norm": None},
-}
+from kvtool.shared_attention import ARCHS  # noqa: E402  (one table, shared with exported checkpoints)
 
 
 def arch_of(model_or_config) -> dict[str, object]:
@@ -54,7 +43,7 @@ def kv_param_names(model: torch.nn.Module, layer: int) -> list[str]:
     attn = decoder_layers(model)[layer].self_attn
     names: list[str] = []
     if arch["fused"]:
-        return []  # fused qkv: the K/V rows are sliced off in place, see runtime.drop_kv_weights
+        return []  # fused qkv: the K/V rows are sliced off in place, see shared_attention.drop_kv_modules
     for mod in ("k_proj", "v_proj", "k_norm"):
         sub = getattr(attn, mod, None)
         if isinstance(sub, torch.nn.Module):

@@ -1,0 +1,193 @@
+"""Cross-layer KV sharing inside a transformers model: the attention forward every patched layer runs.
+
+Self-contained (torch + transformers only): ``kvtool export`` copies this file beside the weights as
+``kvtool_sharing.py``, so ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` runs the same code
+without kvtool installed.
+
+- An *owner* projects Q/K/V exactly as the original module (bit-identical), updates its cache slot, and, if a later
+  layer reads it, leaves the K/V it attends over in a per-model store.
+- A *consumer* projects only its queries (RoPE on Q only), takes its source's K/V from the store, and applies its own
+  mask, scaling and output projection. Its cache slot is a ``DummyLayer`` (``config.kv_sharing_modes``), so it
+  stores nothing; its K/V projections are never called.
+The store is filled and emptied within one forward, so sharing holds with and without a cache.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# model_type -> how its attention projects Q/K/V. "fused": one qkv_proj (Phi-3); "qk_norm": q_norm/k_norm modules,
+# applied before ("pre") or after ("post") the head transpose.
+ARCHS: dict[str, dict[str, object]] = {
+    "llama": {"fused": False, "qk_norm": None},
+    "mistral": {"fused": False, "qk_norm": None},
+    "qwen2": {"fused": False, "qk_norm": None},
+    "qwen3": {"fused": False, "qk_norm": "pre"},
+    "gemma2": {"fused": False, "qk_norm": None},
+    "gemma3_text": {"fused": False, "qk_norm": "post"},
+    "phi3": {"fused": True, "qk_norm": None},
+}
+
+
+@dataclass
+class SharingState:
+    kv_source_layers: list[int]
+    last_reader: dict[int, int]  # source layer -> the last consumer that reads it (and pops the entry)
+    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    observer: object = None  # optional callable(layer, q, k, v)
+    had_modes: bool = False
+    old_modes: object = None
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_q(q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on the queries alone (partial rotary when cos is narrower than the head)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rd = cos.shape[-1]
+    if rd == q.shape[-1]:
+        return (q * cos) + (_rotate_half(q) * sin)
+    q_rot, q_pass = q[..., :rd], q[..., rd:]
+    return torch.cat([(q_rot * cos) + (_rotate_half(q_rot) * sin), q_pass], dim=-1)
+
+
+def _project_qkv(attn: nn.Module, h: torch.Tensor, fused: bool, qk_norm: str | None):
+    """Q, K, V as the original module computes them (same ops, same order), before RoPE."""
+    hidden_shape = (*h.shape[:-1], -1, attn.head_dim)
+    if fused:
+        qkv = attn.qkv_proj(h)
+        qpos = attn.config.num_attention_heads * attn.head_dim
+        kvd = attn.num_key_value_heads * attn.head_dim
+        q, k, v = qkv[..., :qpos], qkv[..., qpos : qpos + kvd], qkv[..., qpos + kvd :]
+        return (q.view(hidden_shape).transpose(1, 2), k.view(hidden_shape).transpose(1, 2),
+                v.view(hidden_shape).transpose(1, 2))
+    if qk_norm == "pre":
+        q = attn.q_norm(attn.q_proj(h).view(hidden_shape)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(h).view(hidden_shape)).transpose(1, 2)
+        v = attn.v_proj(h).view(hidden_shape).transpose(1, 2)
+        return q, k, v
+    q = attn.q_proj(h).view(hidden_shape).transpose(1, 2)
+    k = attn.k_proj(h).view(hidden_shape).transpose(1, 2)
+    v = attn.v_proj(h).view(hidden_shape).transpose(1, 2)
+    if qk_norm == "post":
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    return q, k, v
+
+
+def _project_q(attn: nn.Module, h: torch.Tensor, fused: bool, qk_norm: str | None) -> torch.Tensor:
+    """Only the queries (a consumer never runs its K/V projections)."""
+    hidden_shape = (*h.shape[:-1], -1, attn.head_dim)
+    if fused:
+        qpos = attn.config.num_attention_heads * attn.head_dim
+        w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+        q = nn.functional.linear(h, w[:qpos], None if b is None else b[:qpos])
+        return q.view(hidden_shape).transpose(1, 2)
+    if qk_norm == "pre":
+        return attn.q_norm(attn.q_proj(h).view(hidden_shape)).transpose(1, 2)
+    q = attn.q_proj(h).view(hidden_shape).transpose(1, 2)
+    return attn.q_norm(q) if qk_norm == "post" else q
+
+
+def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                      **kwargs):
+    """Replacement ``forward`` of an attention module under a sharing map (see the module docstring)."""
+    st: SharingState = self._kvtool_state
+    idx = self.layer_idx
+    src = st.kv_source_layers[idx]
+    fused, qk_norm = self._kvtool_arch["fused"], self._kvtool_arch["qk_norm"]
+    cos, sin = position_embeddings
+    if src == idx:
+        q, k, v = _project_qkv(self, hidden_states, fused, qk_norm)
+        q, k = self._kvtool_rope(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, idx)
+        if idx in st.last_reader:
+            st.store[idx] = (k, v)
+    else:
+        q = rope_q(_project_q(self, hidden_states, fused, qk_norm), cos, sin)
+        try:
+            k, v = st.store.pop(src) if st.last_reader[src] == idx else st.store[src]
+        except KeyError:
+            raise RuntimeError(f"kv sharing: layer {idx} reads layer {src}, which did not run first in this "
+                               "forward") from None
+    if st.observer is not None:
+        st.observer(idx, q, k, v)
+
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._kvtool_eager)
+    extra = {"sliding_window": self.sliding_window if hasattr(self, "sliding_window")
+             else getattr(self.config, "sliding_window", None)}
+    if hasattr(self, "attn_logit_softcapping"):
+        extra["softcap"] = self.attn_logit_softcapping
+    out, weights = interface(self, q, k, v, attention_mask,
+                             dropout=0.0 if not self.training else self.attention_dropout,
+                             scaling=self.scaling, **extra, **kwargs)
+    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return self.o_proj(out), weights
+
+
+def install(model: nn.Module, kv_source_layers: list[int]) -> SharingState:
+    """Patch every attention layer of ``model`` (a *ForCausalLM with .model.layers) to follow the map."""
+    cfg = model.config
+    arch = ARCHS[cfg.model_type.removeprefix("kvtool_")]
+    last_reader = {s: j for j, s in enumerate(kv_source_layers) if s != j}
+    st = SharingState(list(kv_source_layers), last_reader, had_modes=hasattr(cfg, "kv_sharing_modes"),
+                      old_modes=getattr(cfg, "kv_sharing_modes", None))
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        mod = sys.modules[type(attn).__module__]
+        attn._kvtool_state = st
+        attn._kvtool_arch = arch
+        attn._kvtool_rope = mod.apply_rotary_pos_emb
+        attn._kvtool_eager = mod.eager_attention_forward
+        attn.forward = attention_forward.__get__(attn)
+    cfg.kv_sharing_modes = ["store" if s == i else "reuse" for i, s in enumerate(kv_source_layers)]
+    model._kvtool_state = st
+    return st
+
+
+def uninstall(model: nn.Module) -> None:
+    st: SharingState | None = getattr(model, "_kvtool_state", None)
+    if st is None:
+        return
+    for layer in model.model.layers:
+        for name in ("forward", "_kvtool_state", "_kvtool_arch", "_kvtool_rope", "_kvtool_eager"):
+            layer.self_attn.__dict__.pop(name, None)
+    if st.had_modes:
+        model.config.kv_sharing_modes = st.old_modes
+    elif hasattr(model.config, "kv_sharing_modes"):
+        delattr(model.config, "kv_sharing_modes")
+    del model._kvtool_state
+
+
+def drop_kv_modules(model: nn.Module, kv_source_layers: list[int]) -> None:
+    """Delete the K/V projections (and k-norm) of consumer layers; a fused qkv_proj keeps only its Q rows."""
+    fused = ARCHS[model.config.model_type.removeprefix("kvtool_")]["fused"]
+    for j, s in enumerate(kv_source_layers):
+        if s == j:
+            continue
+        attn = model.model.layers[j].self_attn
+        if fused:
+            qpos = attn.config.num_attention_heads * attn.head_dim
+            old = attn.qkv_proj
+            if old.weight.shape[0] == qpos:
+                continue
+            new = nn.Linear(old.in_features, qpos, bias=old.bias is not None, device=old.weight.device,
+                            dtype=old.weight.dtype)
+            if old.weight.device.type != "meta":
+                with torch.no_grad():
+                    new.weight.copy_(old.weight[:qpos])
+                    if old.bias is not None:
+                        new.bias.copy_(old.bias[:qpos])
+            attn.qkv_proj = new
+        else:
+            for name in ("k_proj", "v_proj", "k_norm"):
+                if isinstance(getattr(attn, name, None), nn.Module):
+                    setattr(attn, name, None)
