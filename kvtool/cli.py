@@ -181,10 +181,43 @@ def _compare(stats, target, layers, threshold, seed, model, dtype, device, json_
         out.print(f"wrote {json_out}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def export() -> None:
-    """Write a checkpoint + kvtool.json that loads with sharing on."""
-    _not_yet("export")
+@app.command()
+@handle_errors
+def export(
+    plan: Annotated[Path, typer.Option("--plan", "-p", help="plan JSON from `kvtool search`")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory to write")],
+    model: ModelOpt = None,
+    dtype: Annotated[str | None, typer.Option(help="save weights as float32, bfloat16 or float16")] = None,
+    max_shard_size: Annotated[str, typer.Option(help="shard the safetensors above this size")] = "2GB",
+    force: ForceOpt = False,
+) -> None:
+    """Write a checkpoint + kvtool.json that loads with sharing on (kvtool.load, or transformers with
+    trust_remote_code=True)."""
+    from kvtool.export import export as run
+
+    path = run(plan, out=out_dir, model=model, dtype=dtype, max_shard_size=max_shard_size, force=force)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    out.print(f"exported to {path} ({size / 2**20:.1f} MiB of weights); load it with kvtool.load({str(path)!r}) "
+              "or transformers with trust_remote_code=True")
+
+
+@app.command()
+@handle_errors
+def generate(
+    model_dir: Annotated[str, typer.Argument(help="an export, a model directory, a .gguf, or 'default'")],
+    prompt: Annotated[str, typer.Argument(help="the prompt (the chat template is applied when there is one)")],
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    plan: Annotated[Path | None, typer.Option(help="apply this plan to the model on the fly")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="do not apply the chat template")] = False,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Stream a continuation of PROMPT from a (shared) model."""
+    from kvtool.generation import stream
+
+    stream(model_dir, prompt, max_new_tokens=max_new_tokens, plan=plan, sample=sample, chat=not raw, dtype=dtype,
+           device=device)
 
 
 @app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

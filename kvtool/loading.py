@@ -208,6 +208,7 @@ def model_fingerprint(model: torch.nn.Module, skip: set[str] | None = None) -> s
     """A short hash of the architecture and a strided sample of every weight (in bfloat16, so a float32 and a
     bfloat16 copy of the same model agree). ``skip``: parameter names to leave out (dropped in an export)."""
     cfg = model.config.to_dict()
+    cfg["model_type"] = str(cfg.get("model_type", "")).removeprefix("kvtool_")
     keys = ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
             "head_dim", "intermediate_size", "vocab_size")
     h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True).encode())

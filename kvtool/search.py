@@ -139,7 +139,8 @@ def search(
     n = num_consumers(L, target, layers)
     common = dict(target=target if layers is None else n / L, model_name=meta["model_name"],
                   model_fingerprint=meta["model_fingerprint"], layer_types=types)
-    provenance = {"calibration": {k: meta[k] for k in ("data", "data_hash", "samples", "seq_len", "seed")}}
+    provenance = {"model": meta.get("model"),
+                  "calibration": {k: meta[k] for k in ("data", "data_hash", "samples", "seq_len", "seed")}}
     if layout is not None:
         plan = layout_plan(layout, types, n, **({"group_size": group_size} if layout == "grouped" else {}))
         plan.target, plan.model_name, plan.model_fingerprint = common["target"], meta["model_name"], \

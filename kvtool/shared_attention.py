@@ -191,3 +191,20 @@ def drop_kv_modules(model: nn.Module, kv_source_layers: list[int]) -> None:
             for name in ("k_proj", "v_proj", "k_norm"):
                 if isinstance(getattr(attn, name, None), nn.Module):
                     setattr(attn, name, None)
+
+
+def make_classes(config_cls: type, model_cls: type, module: str | None = None) -> tuple[type, type]:
+    """A config class (model_type ``kvtool_<base>``) and a *ForCausalLM class that builds the base architecture
+    with sharing installed and the consumers' K/V weights removed, so checkpoints load strictly."""
+    base_type = config_cls.model_type
+    cfg = type("KvtoolConfig", (config_cls,), {"model_type": f"kvtool_{base_type}"})
+
+    def __init__(self, config):
+        model_cls.__init__(self, config)
+        install(self, config.kv_source_layers)
+        drop_kv_modules(self, config.kv_source_layers)
+
+    mdl = type("KvtoolForCausalLM", (model_cls,), {"config_class": cfg, "__init__": __init__})
+    if module is not None:
+        cfg.__module__ = mdl.__module__ = module
+    return cfg, mdl
