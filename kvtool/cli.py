@@ -220,10 +220,108 @@ def generate(
            device=device)
 
 
-@app.command(name="eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def eval_() -> None:
+@app.command(name="eval")
+@handle_errors
+def eval_(
+    export_dir: Annotated[Path | None, typer.Argument(help="a directory written by `kvtool export`")] = None,
+    plan: Annotated[Path | None, typer.Option("--plan", "-p", help="evaluate this plan on its base model")] = None,
+    plans: Annotated[list[Path] | None, typer.Option("--plans", help="several plans: perplexity vs KV bytes "
+                                                                     "frontier (repeat the option)")] = None,
+    model: ModelOpt = None,
+    tasks: Annotated[str, typer.Option(help="comma list of ppl,fidelity,generate,passkey,memory,speed")] =
+        "ppl,fidelity,generate,passkey,memory,speed",
+    data: Annotated[str | None, typer.Option(help="held-out text (default: Python's pydoc topics, held-out "
+                                                  "split)")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the full report here")] = None,
+    plots: Annotated[Path | None, typer.Option(help="directory for PNG plots")] = None,
+    stats: Annotated[Path | None, typer.Option(help="calibration dir for the distance heatmap")] = None,
+    lm_eval: Annotated[str | None, typer.Option("--lm-eval", help="lm-evaluation-harness tasks, comma list")] = None,
+    ppl_samples: Annotated[int, typer.Option(min=1)] = 8,
+    ppl_seq_len: Annotated[int, typer.Option(min=8)] = 256,
+    passkey_lengths: Annotated[str, typer.Option(help="comma list of prompt lengths")] = "512,1024,2048",
+    speed_batch: Annotated[int, typer.Option(min=1)] = 4,
+    speed_prompt: Annotated[int, typer.Option(min=8)] = 512,
+    speed_new: Annotated[int, typer.Option(min=1)] = 32,
+    repeats: Annotated[int, typer.Option(min=1, help="memory/speed runs per variant")] = 2,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+) -> None:
     """Quality, memory and speed of a shared model side by side with its base."""
-    _not_yet("eval")
+    from kvtool.evaluate import EvalSettings, evaluate, frontier
+
+    try:
+        lengths = tuple(int(x) for x in passkey_lengths.split(",") if x.strip())
+    except ValueError:
+        _fail(f"--passkey-lengths must be integers, got {passkey_lengths!r}")
+    settings = EvalSettings(ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, passkey_lengths=lengths,
+                            speed_batch=speed_batch, speed_prompt=speed_prompt, speed_new=speed_new,
+                            speed_repeats=repeats)
+    log = lambda m: out.print(f"[dim]· {m}[/]")  # noqa: E731
+    if plans:
+        rep = frontier(plans, model=model, data=data, settings=settings, plots=plots, json_out=json_out, force=force,
+                       dtype=dtype, device=device, log=log)
+        out.print(f"base perplexity {rep['base_ppl']:.2f}")
+        if "plots" in rep:
+            out.print(f"frontier plot: {rep['plots']['frontier']}")
+        return
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, data=data, settings=settings,
+                   json_out=json_out, plots=plots, stats=stats,
+                   lm_eval_tasks=[t for t in (lm_eval or "").split(",") if t], force=force, dtype=dtype,
+                   device=device, log=log)
+    out.print(report_table(rep))
+    if json_out:
+        out.print(f"report: {json_out}")
+    for name, path in rep.get("plots", {}).items():
+        out.print(f"plot ({name}): {path}")
+
+
+def report_table(rep: dict):
+    """The base | shared | ratio table of an eval report."""
+    from rich.table import Table
+
+    t = Table(title=f"{rep['model']}: {rep['plan']['description']}", title_justify="left")
+    for c in ("task", "metric", "base", "shared", "shared/base"):
+        t.add_column(c, justify="left" if c in ("task", "metric") else "right")
+    T = rep["tasks"]
+    f = lambda x, d=3: f"{x:,.{d}f}"  # noqa: E731
+    if "ppl" in T:
+        p = T["ppl"]
+        t.add_row("ppl", f"perplexity ({p['tokens']} tokens)", f(p["base"], 2), f(p["shared"], 2), f(p["ratio"]))
+    if "fidelity" in T:
+        fi = T["fidelity"]
+        t.add_row("fidelity", "KL(base‖shared), nats/token", "0", f(fi["kl"], 4), "")
+        t.add_row("", "top-1 agreement", "1", f(fi["top1_agreement"]), "")
+        t.add_row("", "final hidden cosine", "1", f(fi["hidden_cosine"]), "")
+    if "generate" in T:
+        g = T["generate"]
+        t.add_row("generate", f"exact match ({g['prompts']} prompts)", "1", f(g["exact_match"], 2), "")
+        t.add_row("", f"common prefix (of {g['new_tokens']} tokens)", "", f(g["mean_common_prefix"], 1), "")
+    if "passkey" in T:
+        acc = T["passkey"]["accuracy"]
+        for length in acc["base"]:
+            t.add_row("passkey", f"accuracy @ {length} tokens", f(acc["base"][length], 2),
+                      f(acc["shared"][length], 2), "")
+    if "memory" in T:
+        m = T["memory"]
+        t.add_row("memory", "KV cache MiB (prefill+decode)", f(m["kv_bytes"]["base"] / 2**20, 1),
+                  f(m["kv_bytes"]["shared"] / 2**20, 1), f(m["kv_bytes"]["ratio"], 4))
+        if "inference_rss_mib" in m:
+            t.add_row("", "RSS growth in inference MiB", f(m["inference_rss_mib"]["base"], 0),
+                      f(m["inference_rss_mib"]["shared"], 0), f(m["inference_rss_mib"]["ratio"]))
+        t.add_row("", "peak process RSS MiB", f(m["peak_rss_mib"]["base"], 0), f(m["peak_rss_mib"]["shared"], 0),
+                  f(m["peak_rss_mib"]["ratio"]))
+        if "peak_gpu_mib" in m:
+            t.add_row("", "peak GPU MiB", f(m["peak_gpu_mib"]["base"], 0), f(m["peak_gpu_mib"]["shared"], 0),
+                      f(m["peak_gpu_mib"]["ratio"]))
+    if "speed" in T:
+        sp = T["speed"]
+        t.add_row("speed", f"prefill tokens/s ({sp['device']})", f(sp["prefill_tok_s"]["base"], 0),
+                  f(sp["prefill_tok_s"]["shared"], 0), f(sp["prefill_tok_s"]["ratio"]))
+        t.add_row("", "decode tokens/s", f(sp["decode_tok_s"]["base"], 1), f(sp["decode_tok_s"]["shared"], 1),
+                  f(sp["decode_tok_s"]["ratio"]))
+    return t
 
 
 def main() -> None:

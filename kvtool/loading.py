@@ -195,7 +195,9 @@ def load(
 
         if not isinstance(plan, SharingPlan):
             plan = SharingPlan.load(plan)
-        apply_sharing(m, plan)
+        if getattr(m, "_kvtool_state", None) is not None:
+            raise KvtoolError(f"{name} is an export with its own sharing map; do not pass a plan with it")
+        apply_sharing(m, plan, drop_unused=True)
     return m, tok
 
 

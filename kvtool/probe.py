@@ -1,0 +1,108 @@
+"""Memory and speed of one model variant, measured in a fresh process (so peak RSS belongs to that variant alone).
+
+    python -m kvtool.probe --model M [--plan P] --batch B --prompt T --new N [--device D] [--dtype X]
+prints one JSON line: KV-cache bytes after prefill and after decode, prefill s, decode tokens/s, peak RSS / GPU MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def _status_kib(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so the peak covers inference only, not loading."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def kv_bytes(cache) -> int:
+    """Bytes held by the key/value tensors of a cache (DummyLayer slots hold none)."""
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure(model, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
+    from transformers import DynamicCache
+
+    dev = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(100, vocab - 1), vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model(ids[:, : min(32, prompt)], past_key_values=DynamicCache(config=model.config), logits_to_keep=1)  # warm-up
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    import gc
+
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    cache = DynamicCache(config=model.config)
+    sync()
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync()
+    prefill = time.perf_counter() - t0
+    after_prefill = kv_bytes(cache)
+    nxt = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    sync()
+    decode = time.perf_counter() - t0
+    res = {"kv_bytes_prefill": after_prefill, "kv_bytes": kv_bytes(cache), "prefill_s": prefill,
+           "prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * new / max(decode, 1e-9),
+           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    hwm = _status_kib("VmHWM")
+    if reset and hwm is not None and rss_before is not None:
+        # peak resident memory during prefill + decode, above what the loaded model already held
+        res["peak_rss_mib"] = hwm / 1024
+        res["inference_rss_mib"] = (hwm - rss_before) / 1024
+    if dev.type == "cuda":
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--plan")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--device")
+    ap.add_argument("--dtype")
+    a = ap.parse_args()
+    from kvtool.loading import load
+
+    torch.manual_seed(0)
+    model, _ = load(a.model, plan=a.plan, dtype=a.dtype, device=a.device)
+    print(json.dumps(measure(model, a.batch, a.prompt, a.new)))
+
+
+if __name__ == "__main__":
+    main()

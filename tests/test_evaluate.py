@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import kvtool
+from kvtool.cli import app
+from kvtool.evaluate import EvalSettings, evaluate
+from kvtool.export import export
+from kvtool.passkey import answer_ok, build_cases
+from kvtool.plan import SharingPlan
+
+FAST = EvalSettings(ppl_samples=2, ppl_seq_len=32, gen_new_tokens=6, passkey_lengths=(64,), passkey_depths=(0.5,),
+                    speed_batch=1, speed_prompt=16, speed_new=2, speed_repeats=1)
+
+
+def test_identity_plan_costs_nothing(tiny_dir, tmp_path):
+    SharingPlan.identity(6).save(tmp_path / "id.json")
+    rep = evaluate(plan=tmp_path / "id.json", model=str(tiny_dir), settings=FAST, json_out=tmp_path / "r.json")
+    T = rep["tasks"]
+    assert T["ppl"]["ratio"] == pytest.approx(1.0)
+    assert T["fidelity"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert T["fidelity"]["top1_agreement"] == 1.0
+    assert T["fidelity"]["hidden_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert T["generate"]["exact_match"] == 1.0
+    assert T["memory"]["kv_bytes"]["ratio"] == 1.0
+    acc = T["passkey"]["accuracy"]
+    assert acc["base"] == acc["shared"]
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["ppl"]["tokens"] == 2 * 31
+
+
+def test_sharing_everything_possible_matches_the_formula(tiny_dir, tmp_path):
+    SharingPlan([0] * 6).save(tmp_path / "all.json")  # 5 of 6 layers read layer 0
+    rep = evaluate(plan=tmp_path / "all.json", model=str(tiny_dir), settings=FAST, tasks=("ppl", "memory"))
+    assert rep["tasks"]["memory"]["kv_bytes"]["ratio"] == pytest.approx(1 / 6)
+    assert rep["tasks"]["memory"]["kv_bytes_prefill"]["ratio"] == pytest.approx(1 / 6)
+    assert rep["tasks"]["ppl"]["ratio"] != pytest.approx(1.0)
+
+
+def test_eval_of_an_export_records_metrics(tiny_dir, tmp_path):
+    m, tok = kvtool.load(tiny_dir)
+    export(SharingPlan([0, 1, 1, 3, 3, 5]), model=m, tokenizer=tok, out=tmp_path / "exp")
+    rep = evaluate(tmp_path / "exp", settings=FAST, tasks=("ppl", "memory"), plots=tmp_path / "plots")
+    assert rep["tasks"]["memory"]["kv_bytes"]["ratio"] == pytest.approx(4 / 6)
+    side = json.loads((tmp_path / "exp" / "kvtool.json").read_text())
+    assert side["metrics"]["kv_bytes_ratio"] == pytest.approx(4 / 6)
+    assert (tmp_path / "plots" / "distance_map.png").stat().st_size > 1000
+    kvtool.load(tmp_path / "exp")  # still loads after the sidecar update
+
+
+def test_passkey_cases_and_scoring():
+    from kvtool.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cases = build_cases(tok, lengths=(256, 512), depths=(0.2, 0.8))
+    assert len(cases) == 4 and len({c.key for c in cases}) == 4
+    for c in cases:
+        assert c.input_ids.shape[1] <= c.length
+        assert c.input_ids.shape[1] > c.length * 0.85
+        assert c.key in tok.decode(c.input_ids[0]).replace(" ", "")
+    assert answer_ok(" 12345.", "12345") and not answer_ok("1234", "12345") and not answer_ok("54321", "12345")
+
+
+def test_cli_eval_and_frontier(tiny_dir, tmp_path):
+    SharingPlan([0, 1, 1, 3, 3, 5]).save(tmp_path / "a.json")
+    SharingPlan([0, 0, 0, 0, 0, 0]).save(tmp_path / "b.json")
+    runner = CliRunner()
+    args = ["--model", str(tiny_dir), "--ppl-samples", "2", "--ppl-seq-len", "32", "--speed-batch", "1",
+            "--speed-prompt", "16", "--speed-new", "2", "--repeats", "1", "--passkey-lengths", "64"]
+    r = runner.invoke(app, ["eval", "--plan", str(tmp_path / "a.json"), "--tasks", "ppl,fidelity,memory", *args])
+    assert r.exit_code == 0, r.output
+    assert "perplexity" in r.output and "0.6667" in r.output
+    r = runner.invoke(app, ["eval", "--plans", str(tmp_path / "a.json"), "--plans", str(tmp_path / "b.json"),
+                            "--plots", str(tmp_path / "p"), "--json", str(tmp_path / "f.json"), *args])
+    assert r.exit_code == 0, r.output
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [round(x["kv_ratio"], 4) for x in rows] == [round(4 / 6, 4), round(1 / 6, 4)]
+    assert (tmp_path / "p" / "frontier.png").exists()
+    r = runner.invoke(app, ["eval", "--tasks", "ppl,bogus", "--plan", str(tmp_path / "a.json"), *args])
+    assert r.exit_code == 2 and "bogus" in r.output
+    r = runner.invoke(app, ["eval", *args])
+    assert r.exit_code == 2 and "--plan" in r.output
