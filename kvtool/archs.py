@@ -10,7 +10,7 @@ from kvtool.shared_attention import ARCHS  # noqa: E402  (one table, shared with
 
 def arch_of(model_or_config) -> dict[str, object]:
     config = getattr(model_or_config, "config", model_or_config)
-    mt = getattr(config, "model_type", None)
+    mt = str(getattr(config, "model_type", None)).removeprefix("kvtool_")  # an export is its base architecture
     if mt not in ARCHS:
         raise KvtoolError(f"model type {mt!r} is not supported for KV sharing; supported: {', '.join(sorted(ARCHS))}")
     return ARCHS[mt]

@@ -107,9 +107,12 @@ def search(
     layers: Annotated[int | None, typer.Option(help="number of consumer layers (instead of --target)")] = None,
     threshold: Annotated[float | None, typer.Option(help="accept a pair if cosine >= T (default 0.5) "
                                                          "or KL <= T nats (default 0.5)")] = None,
-    order: Annotated[str, typer.Option(help="dissimilar (KVSharer), similar or random")] = "dissimilar",
+    order: Annotated[str, typer.Option(help="dissimilar (KVSharer), similar, random, local (lowest local "
+                                            "attention error first) or best-first")] = "dissimilar",
     distance: Annotated[str, typer.Option(help="euclidean (paper), kvsharer (official code) or cosine")] = "euclidean",
-    validate: Annotated[str, typer.Option(help="cosine (paper) or kl")] = "cosine",
+    validate: Annotated[str | None, typer.Option(help="cosine (paper; default for distance orders) or kl "
+                                                      "(default for local and best-first)")] = None,
+    beam: Annotated[int, typer.Option(min=1, help="candidates fully scored per step of --order best-first")] = 8,
     layout: Annotated[str | None, typer.Option(help="fixed layout instead of a search: adjacent, tail, "
                                                     "grouped")] = None,
     group_size: Annotated[int, typer.Option(help="layers per group for --layout grouped")] = 4,
@@ -139,9 +142,9 @@ def search(
         out.print(f"  {r['j']:>3} ← {r['source']:<3} score {r['score']:.4f} {mark}", highlight=False)
 
     res = run(stats, model=model, target=target, layers=layers, threshold=threshold, order=order,
-              distance=distance, validate=validate, seed=seed, layout=layout, group_size=group_size, strict=strict,
-              merge_budget=merge_budget, out=out_path, force=force, dtype=dtype, device=device, on_try=on_try,
-              warn=lambda m: err.print(f"[yellow]warning:[/] {m}"))
+              distance=distance, validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,
+              strict=strict, merge_budget=merge_budget, out=out_path, force=force, dtype=dtype, device=device,
+              on_try=on_try, warn=lambda m: err.print(f"[yellow]warning:[/] {m}"))
     p = res.plan
     score = "" if p.score is None else f", final score {p.score:.4f}"
     tried = f" after {len(res.tries)} pairs" if res.tries else ""
@@ -184,8 +187,9 @@ def _compare(stats, target, layers, threshold, seed, model, dtype, device, json_
 @app.command()
 @handle_errors
 def export(
-    plan: Annotated[Path, typer.Option("--plan", "-p", help="plan JSON from `kvtool search`")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory to write")],
+    plan: Annotated[Path | None, typer.Option("--plan", "-p", help="plan JSON from `kvtool search` (not needed "
+                                                                  "when --model is an export or healed dir)")] = None,
     model: ModelOpt = None,
     dtype: Annotated[str | None, typer.Option(help="save weights as float32, bfloat16 or float16")] = None,
     max_shard_size: Annotated[str, typer.Option(help="shard the safetensors above this size")] = "2GB",
@@ -199,6 +203,43 @@ def export(
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     out.print(f"exported to {path} ({size / 2**20:.1f} MiB of weights); load it with kvtool.load({str(path)!r}) "
               "or transformers with trust_remote_code=True")
+
+
+@app.command()
+@handle_errors
+def heal(
+    plan: Annotated[Path, typer.Option("--plan", "-p", help="plan JSON from `kvtool search`")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory to write (an export)")],
+    model: ModelOpt = None,
+    steps: Annotated[int, typer.Option(min=1, help="training steps (early stop may end sooner)")] = 300,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    samples: Annotated[int, typer.Option(min=1, help="training chunks of calibration data")] = 64,
+    seq_len: Annotated[int, typer.Option(min=8)] = 128,
+    hidden_mse: Annotated[float, typer.Option(help="weight of the final-hidden-state MSE term")] = 0.0,
+    data: Annotated[str | None, typer.Option(help="training text (default: kvtool's calibration set)")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Distil the shared model toward its base (consumers' q/o projections only) and write it as an export."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from kvtool.heal import HealSettings
+    from kvtool.heal import heal as run
+
+    s = HealSettings(steps=steps, lr=lr, batch_size=batch_size, samples=samples, seq_len=seq_len,
+                     hidden_mse=hidden_mse, data=data, seed=seed)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=out) as bar:
+        task = bar.add_task("healing", total=steps)
+        res = run(plan, out=out_dir, model=model, settings=s, force=force, dtype=dtype, device=device,
+                  log=lambda m: bar.console.print(f"[dim]· {m}[/]"),
+                  progress=lambda i, n, loss: bar.update(task, completed=i, description=f"healing (KL {loss:.3f})"))
+    out.print(f"healed in {res['seconds']:.0f} s ({res['steps_run']} steps): held-out perplexity "
+              f"{res['heldout_ppl_before']:.2f} → {res['heldout_ppl_after']:.2f} (base {res['heldout_ppl_base']:.2f}); "
+              f"wrote {out_dir}")
 
 
 @app.command()

@@ -41,7 +41,7 @@ def _base_classes(base_type: str) -> tuple[type, type]:
 
 
 def export(
-    plan: SharingPlan | str | Path,
+    plan: SharingPlan | str | Path | None,
     *,
     out: str | Path,
     model=None,
@@ -51,32 +51,51 @@ def export(
     force: bool = False,
     device: str | None = None,
     metrics: dict[str, Any] | None = None,
+    base_fingerprint: str | None = None,
 ) -> Path:
     """Write ``out`` atomically: safetensors weights (consumers' K/V dropped), config + remote code, tokenizer,
-    generation config and ``kvtool.json``. ``model``: path/None (loaded here) or a loaded base model."""
+    generation config and ``kvtool.json``. ``model``: path/None (loaded here) or a loaded base model; an export or
+    healed directory re-exports with its own map (``plan`` may then be None)."""
     from kvtool.atomic import atomic_dir, check_writable_dir
     from kvtool.loading import load, model_fingerprint, parse_dtype
     from kvtool.runtime import apply_sharing
     from kvtool.versions import versions
 
     check_writable_dir(out, force)
-    if not isinstance(plan, SharingPlan):
+    if plan is not None and not isinstance(plan, SharingPlan):
         plan = SharingPlan.load(plan)
     if model is None or isinstance(model, (str, Path)):
+        if model is None and plan is None:
+            raise KvtoolError("give --plan, or --model an exported directory")
         model, tokenizer = load(model if model is not None else plan.details.get("model"), device=device)
     elif tokenizer is None:
         raise KvtoolError("export(model_object) needs tokenizer=")
-    if getattr(model, "_kvtool_state", None) is not None:
-        raise KvtoolError("export needs the base model, not one with sharing already applied")
+    from kvtool.runtime import active_plan
+
+    side = getattr(model, "kvtool_sidecar", None)  # a loaded export: keep its map, base identity and heal record
+    if plan is None:
+        if side is None:
+            raise KvtoolError("give --plan (the model is not an export)")
+        plan = model.kvtool_plan
+    if side is not None:
+        base_fingerprint = base_fingerprint or side["base_model"]["fingerprint"]
+        model.kvtool_heal = getattr(model, "kvtool_heal", None) or side.get("heal")
+    applied = active_plan(model)
+    if applied is not None and applied.kv_source_layers != plan.kv_source_layers:
+        raise KvtoolError("the model already runs another sharing map than the plan")
     arch_of(model)
-    base_fp = model_fingerprint(model)
+    base_fp = base_fingerprint or model_fingerprint(model)
     if plan.model_fingerprint and plan.model_fingerprint != base_fp:
         raise KvtoolError(f"the plan was made for another model (fingerprint {plan.model_fingerprint}, "
                           f"this model {base_fp}); pass the --model it was searched on")
     if dtype is not None:
         model = model.to(parse_dtype(dtype, "cpu"))
-    base_type = model.config.model_type
-    dropped = [n for j in plan.consumers for n in kv_param_names(model, j)]
+    base_type = model.config.model_type.removeprefix("kvtool_")
+    dropped = side["dropped_tensors"] if side else [n for j in plan.consumers for n in kv_param_names(model, j)]
+    if applied is not None:
+        from kvtool.runtime import remove_sharing
+
+        remove_sharing(model)
     apply_sharing(model, plan, drop_unused=True)
     weights_fp = model_fingerprint(model)
     with atomic_dir(out, force) as tmp:
@@ -99,9 +118,10 @@ def export(
             "format_version": SIDECAR_VERSION,
             "kv_source_layers": plan.kv_source_layers,
             "merge": plan.merge,
-            "base_model": {"name": getattr(model, "kvtool_name", None), "model_type": base_type,
-                           "architecture": model_cls.__name__, "fingerprint": base_fp,
-                           "source": getattr(model, "kvtool_source", None)},
+            "base_model": side["base_model"] if side else {
+                "name": getattr(model, "kvtool_name", None), "model_type": base_type,
+                "architecture": model_cls.__name__, "fingerprint": base_fp,
+                "source": getattr(model, "kvtool_source", None)},
             "weights_fingerprint": weights_fp,
             "dropped_tensors": dropped,
             "plan": plan.to_dict(),

@@ -22,7 +22,7 @@ from kvtool.errors import KvtoolError
 from kvtool.plan import SharingPlan
 from kvtool.scoring import HIGHER_IS_BETTER, Scorer
 
-ORDERS = ("dissimilar", "similar", "random")
+ORDERS = ("dissimilar", "similar", "random", "local", "best-first")
 DEFAULT_THRESHOLD = {"cosine": 0.5, "kl": 0.5}
 
 
@@ -42,9 +42,12 @@ def num_consumers(num_layers: int, target: float | None, layers: int | None) -> 
 
 
 def rank_pairs(dist: torch.Tensor, types: list[str], order: str, seed: int = 0) -> list[tuple[int, int]]:
-    """All admissible pairs (i < j, same attention type) in search order."""
+    """All admissible pairs (i < j, same attention type) in search order. ``dist`` is the layer distance matrix, or
+    for ``local`` the local damage matrix (lowest first)."""
     L = dist.shape[0]
     pairs = [(i, j) for j in range(1, L) for i in range(j) if types[i] == types[j]]
+    if order == "local":
+        return sorted(pairs, key=lambda p: float(dist[p[0], p[1]]))
     if order == "dissimilar":
         return sorted(pairs, key=lambda p: -float(dist[p[0], p[1]]))
     if order == "similar":
@@ -100,6 +103,50 @@ def greedy(scorer: Scorer, pairs: list[tuple[int, int]], n: int, threshold: floa
     return src, tries, exhausted
 
 
+def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, types: list[str], beam: int = 8,
+               on_try: Callable[[dict], None] | None = None) -> tuple[list[int], list[dict], bool]:
+    """At each step score the ``beam`` admissible pairs with the lowest local error and accept the best one, if it
+    passes the threshold; stop at ``n`` consumers or when no candidate passes."""
+    L = len(types)
+    src = list(range(L))
+    scorer.reset(SharingPlan(src))
+    tries: list[dict] = []
+    step = 0
+    while sum(1 for k in range(L) if src[k] != k) < n:
+        readers = {s for k, s in enumerate(src) if s != k}
+        cands = sorted({(src[i], j) for j in range(1, L) for i in range(j)
+                        if src[j] == j and j not in readers and types[i] == types[j]},
+                       key=lambda p: (float(err[p[0], p[1]]), p))[:beam]
+        if not cands:
+            break
+        scored = []
+        for i, j in cands:
+            cand = with_pair(src, i, j)
+            value, token = scorer.score(SharingPlan(cand), start=j)
+            scored.append((value, i, j, cand, token))
+            rec = {"step": step, "i": i, "j": j, "source": i, "score": round(value, 6), "accepted": False}
+            tries.append(rec)
+        best = scored[0]
+        for item in scored[1:]:
+            if scorer.better(item[0], best[0]):
+                best = item
+        if not scorer.passes(best[0], threshold):
+            break
+        value, i, j, cand, token = best
+        scorer.accept(token)
+        src = cand
+        for rec in tries:
+            if rec["step"] == step and rec["i"] == i and rec["j"] == j:
+                rec["accepted"] = True
+        if on_try:
+            for rec in tries:
+                if rec["step"] == step:
+                    on_try(rec)
+        step += 1
+    exhausted = sum(1 for k in range(L) if src[k] != k) < n
+    return src, tries, exhausted
+
+
 def search(
     stats: str | Path | CalibrationStats,
     *,
@@ -109,7 +156,8 @@ def search(
     threshold: float | None = None,
     order: str = "dissimilar",
     distance: str = "euclidean",
-    validate: str = "cosine",
+    validate: str | None = None,
+    beam: int = 8,
     seed: int = 0,
     layout: str | None = None,
     group_size: int = 4,
@@ -154,16 +202,31 @@ def search(
         if fp != meta["model_fingerprint"]:
             raise KvtoolError(f"the model's fingerprint ({fp}) differs from the calibration's "
                               f"({meta['model_fingerprint']}); recalibrate with this model")
+        if order not in ORDERS:
+            raise KvtoolError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
+        if validate is None:
+            validate = "kl" if order in ("local", "best-first") else "cosine"
         if threshold is None:
             threshold = DEFAULT_THRESHOLD[validate]
         scorer = Scorer(model, st.input_ids, st.final_hidden, metric=validate, batch_size=batch_size,
                         incremental=incremental)
-        pairs = rank_pairs(st.distance(distance), types, order, seed)
-        src, tries, exhausted = greedy(scorer, pairs, n, threshold, types, on_try)
+        if order in ("local", "best-first"):
+            from kvtool.local_scores import local_errors
+
+            err = local_errors(model, st.input_ids)
+            if order == "local":
+                src, tries, exhausted = greedy(scorer, rank_pairs(err, types, "local"), n, threshold, types, on_try)
+            else:
+                src, tries, exhausted = best_first(scorer, err, n, threshold, types, beam, on_try)
+        else:
+            pairs = rank_pairs(st.distance(distance), types, order, seed)
+            src, tries, exhausted = greedy(scorer, pairs, n, threshold, types, on_try)
         final = [t["score"] for t in tries if t["accepted"]]
         score = final[-1] if final else None
         plan = SharingPlan(src, method=f"greedy:{order}", threshold=threshold, score=score, **common,
-                           details={"order": order, "distance": distance, "validate": validate,
+                           details={"order": order, "distance": distance if order not in ("local", "best-first")
+                                    else "local-attention-error", "validate": validate,
+                                    **({"beam": beam} if order == "best-first" else {}),
                                     "higher_is_better": HIGHER_IS_BETTER[validate], "seed": seed,
                                     "pairs_tried": len(tries), "incremental": incremental,
                                     "layer_forwards": scorer.layer_forwards, **provenance})
