@@ -171,12 +171,12 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 @torch.no_grad()
-def passkey(v: Variants, lengths, depths) -> dict[str, Any]:
+def passkey(v: Variants, lengths, depths, variants: tuple[str, ...] = ("base", "shared")) -> dict[str, Any]:
     from kvtool.passkey import answer_ok, build_cases
 
     cases = build_cases(v.tokenizer, lengths, depths)
-    acc: dict[str, dict[str, float]] = {"base": {}, "shared": {}}
-    for which in ("base", "shared"):
+    acc: dict[str, dict[str, float]] = {w: {} for w in variants}
+    for which in variants:
         with v.use(which) as m:
             for length in lengths:
                 hits = 0
