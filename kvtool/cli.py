@@ -217,20 +217,22 @@ def heal(
     samples: Annotated[int, typer.Option(min=1, help="training chunks of calibration data")] = 64,
     seq_len: Annotated[int, typer.Option(min=8)] = 128,
     hidden_mse: Annotated[float, typer.Option(help="weight of the final-hidden-state MSE term")] = 0.0,
+    train: Annotated[str, typer.Option(help="attention (consumers' q/o projections) or layers (consumer layers "
+                                            "whole, but their unused K/V)")] = "attention",
     data: Annotated[str | None, typer.Option(help="training text (default: kvtool's calibration set)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Distil the shared model toward its base (consumers' q/o projections only) and write it as an export."""
+    """Distil the shared model toward its base (consumer layers only) and write it as an export."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     from kvtool.heal import HealSettings
     from kvtool.heal import heal as run
 
     s = HealSettings(steps=steps, lr=lr, batch_size=batch_size, samples=samples, seq_len=seq_len,
-                     hidden_mse=hidden_mse, data=data, seed=seed)
+                     hidden_mse=hidden_mse, data=data, seed=seed, train=train)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=out) as bar:
         task = bar.add_task("healing", total=steps)

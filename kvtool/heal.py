@@ -1,8 +1,9 @@
 """``kvtool heal``: a brief distillation of the shared model toward its base, training only the consumer layers.
 
-Choice (documented): only the consumers' query and output projections (and q-norm where the model has one) are
-trained. They are the weights that see the borrowed K/V; every owner layer, and so every source's K/V, stays exactly
-as in the base model. Loss: KL(base || shared) of next-token distributions over the teacher's top-k tokens (teacher
+Choice (documented): only consumer layers are trained, so every owner layer, and so every source's K/V, stays
+exactly as in the base model. ``train="attention"`` (default) trains the consumers' query and output projections (and
+q-norm where the model has one), the weights that see the borrowed K/V; ``train="layers"`` also trains the
+consumers' MLPs and norms. Loss: KL(base || shared) of next-token distributions over the teacher's top-k tokens (teacher
 log-probabilities are computed once, before training, so no second model is held), optionally plus the MSE of the
 final hidden states. Early stopping watches the KL on a validation split of the calibration chunks; the pydoc
 held-out perplexity is reported before and after but never used to decide anything.
@@ -38,19 +39,26 @@ class HealSettings:
     patience: int = 3
     seed: int = 0
     data: str | None = None
+    train: str = "attention"
 
 
-def trainable_parameters(model: nn.Module, plan: SharingPlan) -> list[nn.Parameter]:
-    """The consumers' q_proj / o_proj / q_norm weights (the Q rows of a fused qkv_proj count as q_proj)."""
+def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
+    """The consumers' q_proj / o_proj / q_norm weights (the Q rows of a fused qkv_proj count as q_proj); with
+    ``train="layers"`` every other weight of the consumer layers too, except the K/V projections they never use."""
     from kvtool.archs import decoder_layers
 
-    params = []
+    if train not in ("attention", "layers"):
+        raise KvtoolError(f"unknown heal target {train!r}; use attention or layers")
+    params: list[nn.Parameter] = []
     for j in plan.consumers:
-        attn = decoder_layers(model)[j].self_attn
+        layer = decoder_layers(model)[j]
+        attn = layer.self_attn
         for name in ("q_proj", "qkv_proj", "o_proj", "q_norm"):
             mod = getattr(attn, name, None)
             if isinstance(mod, nn.Module):
                 params += list(mod.parameters())
+        if train == "layers":
+            params += [p for n, p in layer.named_parameters() if not n.startswith("self_attn.")]
     return params
 
 
@@ -118,7 +126,7 @@ def heal(
     top, logp, hid = teacher_targets(model, chunks, s.top_k, s.batch_size)
     base_ppl, _ = perplexity(model, heldout)
     apply_sharing(model, plan)
-    params = trainable_parameters(model, plan)
+    params = trainable_parameters(model, plan, s.train)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -181,7 +189,7 @@ def heal(
     model.to(orig_dtype)
     after_ppl, _ = perplexity(model, heldout)
     result = {"settings": asdict(s), "steps_run": step, "trained_parameters": sum(p.numel() for p in params),
-              "trained": "consumers' q_proj, o_proj (and q_norm)", "val_kl_before": round(start_val, 5),
+              "trained": s.train, "val_kl_before": round(start_val, 5),
               "val_kl_after": round(best_val, 5), "heldout_ppl_base": round(base_ppl, 4),
               "heldout_ppl_before": round(before_ppl, 4), "heldout_ppl_after": round(after_ppl, 4),
               "history": history, "seconds": round(time.time() - t0, 1)}
