@@ -106,13 +106,14 @@ def search(
     target: Annotated[float | None, typer.Option(help="fraction of layers that stop storing KV")] = 0.3,
     layers: Annotated[int | None, typer.Option(help="number of consumer layers (instead of --target)")] = None,
     threshold: Annotated[float | None, typer.Option(help="accept a pair if cosine >= T (default 0.5) "
-                                                         "or KL <= T nats (default 0.5)")] = None,
-    order: Annotated[str, typer.Option(help="dissimilar (KVSharer), similar, random, local (lowest local "
-                                            "attention error first) or best-first")] = "dissimilar",
+                                                         "or KL <= T nats (default 1.0)")] = None,
+    order: Annotated[str, typer.Option(help="best-first (kvtool's default), local (lowest local attention error "
+                                            "first), dissimilar (KVSharer as published), similar or random")] =
+        "best-first",
     distance: Annotated[str, typer.Option(help="euclidean (paper), kvsharer (official code) or cosine")] = "euclidean",
     validate: Annotated[str | None, typer.Option(help="cosine (paper; default for distance orders) or kl "
                                                       "(default for local and best-first)")] = None,
-    beam: Annotated[int, typer.Option(min=1, help="candidates fully scored per step of --order best-first")] = 8,
+    beam: Annotated[int, typer.Option(min=1, help="candidates fully scored per step of --order best-first")] = 4,
     layout: Annotated[str | None, typer.Option(help="fixed layout instead of a search: adjacent, tail, "
                                                     "grouped")] = None,
     group_size: Annotated[int, typer.Option(help="layers per group for --layout grouped")] = 4,

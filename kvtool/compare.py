@@ -44,7 +44,8 @@ def calibration_metrics(model, stats: CalibrationStats, plan: SharingPlan, batch
     return float(torch.cat(cos).mean()), float(torch.cat(kl).mean())
 
 
-def compare(stats: CalibrationStats, model, tokenizer, target: float, *, orders=("dissimilar", "similar", "random"),
+def compare(stats: CalibrationStats, model, tokenizer, target: float, *,
+            orders=("dissimilar", "similar", "random", "local", "best-first"),
             layouts=("adjacent", "tail", "grouped"), extra: dict[str, dict] | None = None, seed: int = 0,
             threshold: float | None = None, heldout: torch.Tensor | None = None, log=None) -> list[CompareRow]:
     """Search with each order (and ``extra`` search kwargs by name), build each layout, then score all alike."""

@@ -23,7 +23,7 @@ from kvtool.plan import SharingPlan
 from kvtool.scoring import HIGHER_IS_BETTER, Scorer
 
 ORDERS = ("dissimilar", "similar", "random", "local", "best-first")
-DEFAULT_THRESHOLD = {"cosine": 0.5, "kl": 0.5}
+DEFAULT_THRESHOLD = {"cosine": 0.5, "kl": 1.0}  # cosine: the paper's T; kl: nats, a guard against ruinous maps
 
 
 def num_consumers(num_layers: int, target: float | None, layers: int | None) -> int:
@@ -154,10 +154,10 @@ def search(
     target: float | None = 0.3,
     layers: int | None = None,
     threshold: float | None = None,
-    order: str = "dissimilar",
+    order: str = "best-first",
     distance: str = "euclidean",
     validate: str | None = None,
-    beam: int = 8,
+    beam: int = 4,
     seed: int = 0,
     layout: str | None = None,
     group_size: int = 4,

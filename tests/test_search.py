@@ -77,7 +77,8 @@ def test_kl_metric_is_zero_for_identity(llama_stats):
 
 def test_greedy_walks_in_order_and_stops_at_target(llama_stats):
     m, st = llama_stats
-    r = search(st, model=m, layers=3, threshold=-1.0)  # everything passes: the first admissible pairs win
+    # everything passes: the first admissible pairs win
+    r = search(st, model=m, layers=3, threshold=-1.0, order="dissimilar")
     pairs = rank_pairs(st.distance("euclidean"), ["full_attention"] * 8, "dissimilar")
     assert len(r.plan.consumers) == 3 and not r.exhausted
     assert [(t["i"], t["j"]) for t in r.tries][0] == pairs[0]
@@ -88,17 +89,17 @@ def test_greedy_walks_in_order_and_stops_at_target(llama_stats):
 def test_threshold_rejects_and_exhaustion(llama_stats):
     m, st = llama_stats
     warned = []
-    r = search(st, model=m, layers=2, threshold=1.01, warn=warned.append)  # nothing can pass
+    r = search(st, model=m, layers=2, threshold=1.01, order="dissimilar", warn=warned.append)  # none can pass
     assert r.exhausted and r.plan.consumers == [] and warned
     with pytest.raises(KvtoolError, match="ran out"):
-        search(st, model=m, layers=2, threshold=1.01, strict=True)
+        search(st, model=m, layers=2, threshold=1.01, order="dissimilar", strict=True)
 
 
 def test_incremental_and_full_search_agree_on_gemma3(tok):
     m = tiny_model("gemma3_text")
     st = calibrate(m, tokenizer=tok, samples=4, seq_len=20, batch_size=4)
-    a = search(st, model=m, layers=2, threshold=0.0, incremental=True)
-    b = search(st, model=m, layers=2, threshold=0.0, incremental=False)
+    a = search(st, model=m, layers=2, threshold=0.0, order="dissimilar", incremental=True)
+    b = search(st, model=m, layers=2, threshold=0.0, order="dissimilar", incremental=False)
     assert a.plan.kv_source_layers == b.plan.kv_source_layers
     assert [t["score"] for t in a.tries] == pytest.approx([t["score"] for t in b.tries], abs=1e-5)
     a.plan.validate(6, st.meta["layer_types"])
@@ -111,7 +112,7 @@ def test_deterministic_bytes_and_fingerprint_check(llama_stats, tmp_path):
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     other = tiny_model("llama", num_hidden_layers=8, seed=1)
     with pytest.raises(KvtoolError, match="fingerprint"):
-        search(st, model=other, layers=2)
+        search(st, model=other, layers=2, order="dissimilar")
 
 
 def test_merge_thresholds_meet_budget(llama_stats):
@@ -135,7 +136,8 @@ def test_cli_search_and_compare(tiny_dir, tmp_path):
                             "--out", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["search", "--stats", str(tmp_path / "c"), "--target", "0.34", "--out",
-                            str(tmp_path / "plan.json"), "--threshold", "0.0", "--merge-budget", "0.5"])
+                            str(tmp_path / "plan.json"), "--order", "dissimilar", "--threshold", "0.0",
+                            "--merge-budget", "0.5"])
     assert r.exit_code == 0, r.output
     plan = SharingPlan.load(tmp_path / "plan.json")
     assert len(plan.consumers) == 2 and plan.merge["budget"] == 0.5
