@@ -10,48 +10,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
 
 def worker(variant: str, batch: int, prompt: int, new: int, plan_path: str | None) -> dict:
     import torch
-    from transformers import DynamicCache
 
     import kvtool
     from kvtool.archs import layer_types
     from kvtool.layouts import layout_plan
+    from kvtool.probe import measure
 
     torch.manual_seed(0)
-    model, tok = kvtool.load()
-    if plan_path:
-        plan = kvtool.SharingPlan.load(plan_path)
-    else:
-        plan = layout_plan("adjacent", layer_types(model.config), 9)
+    model, _ = kvtool.load()
+    plan = kvtool.SharingPlan.load(plan_path) if plan_path else layout_plan("adjacent", layer_types(model.config), 9)
     if variant == "shared":
         kvtool.apply_sharing(model, plan, drop_unused=True)
-    ids = torch.randint(100, 40000, (batch, prompt), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        # warm-up on a short input
-        model(ids[:, :32], past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
-        cache = DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        prefill = time.perf_counter() - t0
-        nxt = out.logits[:, -1:].argmax(-1)
-        t0 = time.perf_counter()
-        for _ in range(new):
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-        decode = time.perf_counter() - t0
-    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (getattr(layer, "keys", None),
-             getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
-    return {"variant": variant, "consumers": len(plan.consumers), "kv_bytes": kv, "prefill_s": prefill,
-            "decode_tok_s": batch * new / decode,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res = measure(model, batch, prompt, new)
+    return {"variant": variant, "consumers": len(plan.consumers), "kv_bytes": res["kv_bytes"],
+            "prefill_s": res["prefill_s"], "decode_tok_s": res["decode_tok_s"], "peak_rss_mb": res["peak_rss_mib"]}
 
 
 def main() -> None:
