@@ -172,7 +172,7 @@ def _compare(stats, target, layers, threshold, seed, model, dtype, device, json_
     base = rows[0].heldout_ppl
     t = Table(title=f"{st.meta['model_name']}: sharing maps at target {target:g} (held-out pydoc perplexity)")
     for c in ("map", "consumers", "calib cosine", "calib KL", "held-out ppl", "× base", "search s"):
-        t.add_column(c, justify="left" if c == "map" else "right")
+        t.add_column(c, justify="left" if c == "map" else "right", no_wrap=c == "map")
     for r in rows:
         t.add_row(r.name, str(r.consumers), f"{r.calib_cosine:.4f}", f"{r.calib_kl:.4f}", f"{r.heldout_ppl:.2f}",
                   f"{r.heldout_ppl / base:.2f}", f"{r.search_s:.1f}")
