@@ -138,9 +138,17 @@ def search(
     if out_path is None:
         _fail("give --out plan.json (or --compare)")
 
+    import time
+
+    t0, tried = time.time(), [0]
+
     def on_try(r: dict) -> None:
-        mark = "[green]kept[/]" if r["accepted"] else "[red]rejected[/]"
-        out.print(f"  {r['j']:>3} ← {r['source']:<3} score {r['score']:.4f} {mark}", highlight=False)
+        tried[0] += 1
+        mark = "[green]kept[/]" if r["accepted"] else "[dim]rejected[/]"
+        el = time.time() - t0
+        eta = f", ETA ~{el / r['kept'] * (r['needed'] - r['kept']):.0f} s" if r["kept"] else ""
+        out.print(f"  [{tried[0]:>3} tried, {r['kept']}/{r['needed']} kept, {el:.0f} s{eta}]  {r['j']:>3} ← "
+                  f"{r['source']:<3} score {r['score']:.4f} {mark}", highlight=False)
 
     res = run(stats, model=model, target=target, layers=layers, threshold=threshold, order=order,
               distance=distance, validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,

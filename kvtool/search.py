@@ -95,7 +95,8 @@ def greedy(scorer: Scorer, pairs: list[tuple[int, int]], n: int, threshold: floa
         if ok:
             scorer.accept(token)
             src = cand
-        rec = {"i": i, "j": j, "source": cand[j], "score": round(value, 6), "accepted": ok}
+        rec = {"i": i, "j": j, "source": cand[j], "score": round(value, 6), "accepted": ok,
+               "kept": sum(1 for k in range(L) if src[k] != k), "needed": n}
         tries.append(rec)
         if on_try:
             on_try(rec)
@@ -124,7 +125,8 @@ def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, type
             cand = with_pair(src, i, j)
             value, token = scorer.score(SharingPlan(cand), start=j)
             scored.append((value, i, j, cand, token))
-            rec = {"step": step, "i": i, "j": j, "source": i, "score": round(value, 6), "accepted": False}
+            rec = {"step": step, "i": i, "j": j, "source": i, "score": round(value, 6), "accepted": False,
+                   "kept": step, "needed": n}
             tries.append(rec)
         best = scored[0]
         for item in scored[1:]:
@@ -136,8 +138,10 @@ def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, type
         scorer.accept(token)
         src = cand
         for rec in tries:
-            if rec["step"] == step and rec["i"] == i and rec["j"] == j:
-                rec["accepted"] = True
+            if rec["step"] == step:
+                rec["kept"] = step + 1
+                if rec["i"] == i and rec["j"] == j:
+                    rec["accepted"] = True
         if on_try:
             for rec in tries:
                 if rec["step"] == step:
