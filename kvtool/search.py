@@ -120,32 +120,29 @@ def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, type
                        key=lambda p: (float(err[p[0], p[1]]), p))[:beam]
         if not cands:
             break
-        scored = []
+        best = None  # (value, i, j, cand, token); only the running best keeps its captured activations
+        step_tries = []
         for i, j in cands:
             cand = with_pair(src, i, j)
             value, token = scorer.score(SharingPlan(cand), start=j)
-            scored.append((value, i, j, cand, token))
-            rec = {"step": step, "i": i, "j": j, "source": i, "score": round(value, 6), "accepted": False,
-                   "kept": step, "needed": n}
-            tries.append(rec)
-        best = scored[0]
-        for item in scored[1:]:
-            if scorer.better(item[0], best[0]):
-                best = item
-        if not scorer.passes(best[0], threshold):
-            break
-        value, i, j, cand, token = best
-        scorer.accept(token)
-        src = cand
-        for rec in tries:
-            if rec["step"] == step:
+            if best is None or scorer.better(value, best[0]):
+                best = (value, i, j, cand, token)
+            step_tries.append({"step": step, "i": i, "j": j, "source": i, "score": round(value, 6),
+                               "accepted": False, "kept": step, "needed": n})
+        tries += step_tries
+        ok = scorer.passes(best[0], threshold)
+        if ok:
+            value, i, j, cand, token = best
+            scorer.accept(token)
+            src = cand
+            for rec in step_tries:
                 rec["kept"] = step + 1
-                if rec["i"] == i and rec["j"] == j:
-                    rec["accepted"] = True
+                rec["accepted"] = rec["i"] == i and rec["j"] == j
         if on_try:
-            for rec in tries:
-                if rec["step"] == step:
-                    on_try(rec)
+            for rec in step_tries:
+                on_try(rec)
+        if not ok:
+            break
         step += 1
     exhausted = sum(1 for k in range(L) if src[k] != k) < n
     return src, tries, exhausted
