@@ -186,7 +186,8 @@ def load(
             raise KvtoolError(f"cannot load the tokenizer of {name!r}: {_first_line(e)}") from e
     m.eval()
     m.kvtool_name = getattr(m, "kvtool_name", name)
-    m.kvtool_source = getattr(m, "kvtool_source", src)
+    # where to load the base from again (an export records it): None means the embedded default
+    m.kvtool_source = getattr(m, "kvtool_source", None if name == DEFAULT_MODEL_NAME else src)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if plan is not None:
