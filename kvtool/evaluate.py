@@ -6,8 +6,10 @@ speed run each variant in a fresh subprocess (``kvtool.probe``), alternating, so
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,7 +93,9 @@ def load_variants(export_dir: str | Path | None, plan: SharingPlan | str | Path 
 
     apply_sharing(base, plan)  # validates the plan for this model
     remove_sharing(base)
-    plan_file = Path(tempfile.mkdtemp(dir=tmpdir)) / "plan.json"
+    tmp = tempfile.mkdtemp(prefix="kvtool-eval-", dir=tmpdir)
+    atexit.register(shutil.rmtree, tmp, True)
+    plan_file = Path(tmp) / "plan.json"
     plan_file.write_text(plan.to_json())
     model_args = ["--model", base_src] if base_src else []
     return Variants(base, tok, plan, None, base_src, [*model_args, "--plan", str(plan_file), *dev_args])
