@@ -129,7 +129,7 @@ def search(
     device: DeviceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Find a sharing map: KVSharer's greedy search (or a fixed layout) validated on the calibration set."""
+    """Find a sharing map: best-first search (default), KVSharer's greedy orders or a fixed layout."""
     from kvtool.search import search as run
 
     if compare_:
