@@ -94,10 +94,6 @@ def calibrate(
               f"({m['num_layers']}×{m['num_layers']} distance matrices)")
 
 
-def _not_yet(name: str) -> None:
-    _fail(f"`kvtool {name}` is not yet available in this version", 2)
-
-
 @app.command()
 @handle_errors
 def search(
