@@ -59,6 +59,10 @@ def rank_pairs(dist: torch.Tensor, types: list[str], order: str, seed: int = 0) 
     raise KvtoolError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
 
 
+def _num_consumers(src: list[int]) -> int:
+    return sum(1 for k, s in enumerate(src) if s != k)
+
+
 def with_pair(src: list[int], i: int, j: int) -> list[int]:
     """``src`` with layer j reading i's root owner; layers that read j follow it (chains resolved)."""
     root = src[i]
@@ -85,7 +89,7 @@ def greedy(scorer: Scorer, pairs: list[tuple[int, int]], n: int, threshold: floa
     scorer.reset(SharingPlan(src))
     tries: list[dict] = []
     for i, j in pairs:
-        if sum(1 for k in range(L) if src[k] != k) >= n:
+        if _num_consumers(src) >= n:
             break
         if src[j] != j or types[src[i]] != types[j]:
             continue
@@ -96,11 +100,11 @@ def greedy(scorer: Scorer, pairs: list[tuple[int, int]], n: int, threshold: floa
             scorer.accept(token)
             src = cand
         rec = {"i": i, "j": j, "source": cand[j], "score": round(value, 6), "accepted": ok,
-               "kept": sum(1 for k in range(L) if src[k] != k), "needed": n}
+               "kept": _num_consumers(src), "needed": n}
         tries.append(rec)
         if on_try:
             on_try(rec)
-    exhausted = sum(1 for k in range(L) if src[k] != k) < n
+    exhausted = _num_consumers(src) < n
     return src, tries, exhausted
 
 
@@ -113,7 +117,7 @@ def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, type
     scorer.reset(SharingPlan(src))
     tries: list[dict] = []
     step = 0
-    while sum(1 for k in range(L) if src[k] != k) < n:
+    while _num_consumers(src) < n:
         readers = {s for k, s in enumerate(src) if s != k}
         cands = sorted({(src[i], j) for j in range(1, L) for i in range(j)
                         if src[j] == j and j not in readers and types[i] == types[j]},
@@ -144,7 +148,7 @@ def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, type
         if not ok:
             break
         step += 1
-    exhausted = sum(1 for k in range(L) if src[k] != k) < n
+    exhausted = _num_consumers(src) < n
     return src, tries, exhausted
 
 
