@@ -258,14 +258,23 @@ def generate(
     plan: Annotated[Path | None, typer.Option(help="apply this plan to the model on the fly")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="do not apply the chat template")] = False,
+    merge_budget: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="compress the prompt KV to this share (default: the export's setting)")] = None,
+    merge_method: Annotated[str, typer.Option(help="kvmerger, h2o or streaming (with --merge-budget)")] = "kvmerger",
+    no_merge: Annotated[bool, typer.Option("--no-merge", help="turn off the export's prompt KV merging")] = False,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
 ) -> None:
     """Stream a continuation of PROMPT from a (shared) model."""
     from kvtool.generation import stream
 
+    merge = False if no_merge else None
+    if merge_budget is not None:
+        if merge_budget <= 0:
+            _fail("--merge-budget must be in (0, 1]")
+        merge = {"method": merge_method, "budget": merge_budget}
     stream(model_dir, prompt, max_new_tokens=max_new_tokens, plan=plan, sample=sample, chat=not raw, dtype=dtype,
-           device=device)
+           device=device, merge=merge)
 
 
 @app.command(name="eval")
@@ -276,14 +285,21 @@ def eval_(
     plans: Annotated[list[Path] | None, typer.Option("--plans", help="several plans: perplexity vs KV bytes "
                                                                      "frontier (repeat the option)")] = None,
     model: ModelOpt = None,
-    tasks: Annotated[str, typer.Option(help="comma list of ppl,fidelity,generate,passkey,memory,speed")] =
-        "ppl,fidelity,generate,passkey,memory,speed",
+    tasks: Annotated[str, typer.Option(help="comma list of ppl,fidelity,generate,passkey,memory,speed,merge "
+                                            "(merge runs when a budget is known)")] =
+        "ppl,fidelity,generate,passkey,memory,speed,merge",
     data: Annotated[str | None, typer.Option(help="held-out text (default: Python's pydoc topics, held-out "
                                                   "split)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full report here")] = None,
     plots: Annotated[Path | None, typer.Option(help="directory for PNG plots")] = None,
     stats: Annotated[Path | None, typer.Option(help="calibration dir for the distance heatmap")] = None,
     lm_eval: Annotated[str | None, typer.Option("--lm-eval", help="lm-evaluation-harness tasks, comma list")] = None,
+    merge_budget: Annotated[list[float] | None, typer.Option(
+        "--merge-budget", help="compare KV merging with H2O/StreamingLLM eviction at this share of the prompt KV "
+                               "(repeat the option; default: the plan's merge budget)")] = None,
+    merge_methods: Annotated[str, typer.Option(help="comma list of kvmerger,h2o,streaming")] =
+        "kvmerger,h2o,streaming",
+    merge_length: Annotated[int, typer.Option(min=64, help="passkey prompt length for the merge task")] = 2048,
     ppl_samples: Annotated[int, typer.Option(min=1)] = 8,
     ppl_seq_len: Annotated[int, typer.Option(min=8)] = 256,
     passkey_lengths: Annotated[str, typer.Option(help="comma list of prompt lengths")] = "512,1024,2048",
@@ -304,7 +320,11 @@ def eval_(
         _fail(f"--passkey-lengths must be integers, got {passkey_lengths!r}")
     settings = EvalSettings(ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, passkey_lengths=lengths,
                             speed_batch=speed_batch, speed_prompt=speed_prompt, speed_new=speed_new,
-                            speed_repeats=repeats)
+                            speed_repeats=repeats, merge_passkey_length=merge_length,
+                            merge_ppl_context=max(32, merge_length * 3 // 4), merge_ppl_new=max(8, merge_length // 4))
+    for b in merge_budget or []:
+        if not 0 < b <= 1:
+            _fail(f"--merge-budget must be in (0, 1], got {b}")
     log = lambda m: out.print(f"[dim]· {m}[/]")  # noqa: E731
     if plans:
         rep = frontier(plans, model=model, data=data, settings=settings, plots=plots, json_out=json_out, force=force,
@@ -316,9 +336,12 @@ def eval_(
     task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
     rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, data=data, settings=settings,
                    json_out=json_out, plots=plots, stats=stats,
-                   lm_eval_tasks=[t for t in (lm_eval or "").split(",") if t], force=force, dtype=dtype,
-                   device=device, log=log)
+                   lm_eval_tasks=[t for t in (lm_eval or "").split(",") if t], merge_budgets=merge_budget,
+                   merge_methods=tuple(x.strip() for x in merge_methods.split(",") if x.strip()), force=force,
+                   dtype=dtype, device=device, log=log)
     out.print(report_table(rep))
+    if "merge" in rep["tasks"]:
+        out.print(merge_table(rep["tasks"]["merge"]))
     if json_out:
         out.print(f"report: {json_out}")
     for name, path in rep.get("plots", {}).items():
@@ -369,6 +392,21 @@ def report_table(rep: dict):
                   f(sp["prefill_tok_s"]["shared"], 0), f(sp["prefill_tok_s"]["ratio"]))
         t.add_row("", "decode tokens/s", f(sp["decode_tok_s"]["base"], 1), f(sp["decode_tok_s"]["shared"], 1),
                   f(sp["decode_tok_s"]["ratio"]))
+    return t
+
+
+def merge_table(mr: dict):
+    """One row per variant × method × budget of the merge task."""
+    from rich.table import Table
+
+    t = Table(title=f"KV merging vs eviction (passkey @ {mr['passkey_length']} tokens, {len(mr['passkey_depths'])} "
+                    f"depths; perplexity of {mr['ppl_new']} tokens after a {mr['ppl_context']}-token context)",
+              title_justify="left")
+    for c in ("model", "method", "budget", "KV after prefill / base", "passkey", "long-context ppl"):
+        t.add_column(c, justify="left" if c in ("model", "method") else "right")
+    for r in mr["rows"]:
+        t.add_row(r["variant"], r["method"], "-" if r["budget"] is None else f"{r['budget']:g}",
+                  f"{r['kv_ratio']:.3f}", f"{r['passkey']:.2f}", f"{r['ppl']:.2f}")
     return t
 
 

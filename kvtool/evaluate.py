@@ -26,7 +26,7 @@ from torch import nn
 from kvtool.errors import KvtoolError
 from kvtool.plan import SharingPlan
 
-TASKS = ("ppl", "fidelity", "generate", "passkey", "memory", "speed")
+TASKS = ("ppl", "fidelity", "generate", "passkey", "memory", "speed", "merge")
 _PROMPTS = Path(__file__).with_name("assets") / "prompts.json"
 
 
@@ -41,6 +41,11 @@ class EvalSettings:
     speed_prompt: int = 512
     speed_new: int = 32
     speed_repeats: int = 2
+    merge_passkey_length: int = 2048
+    merge_passkey_depths: tuple[float, ...] = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)
+    merge_ppl_samples: int = 4
+    merge_ppl_context: int = 1536
+    merge_ppl_new: int = 512
 
 
 @dataclass
@@ -75,7 +80,7 @@ def load_variants(export_dir: str | Path | None, plan: SharingPlan | str | Path 
     dev_args = (["--device", device] if device else []) + (["--dtype", dtype] if dtype else [])
     if export_dir is not None:
         side = read_sidecar(export_dir)
-        shared, tok = load(export_dir, dtype=dtype, device=device)
+        shared, tok = load(export_dir, dtype=dtype, device=device, merge=False)  # the merge task turns it on
         base_src = model or side["base_model"].get("source")
         base, _ = load(base_src, dtype=dtype, device=device)
         if model_fingerprint(base) != side["base_model"]["fingerprint"]:
@@ -235,6 +240,8 @@ def evaluate(
     plots: str | Path | None = None,
     stats: str | Path | None = None,
     lm_eval_tasks: list[str] | None = None,
+    merge_budgets: list[float] | None = None,
+    merge_methods: tuple[str, ...] | None = None,
     force: bool = False,
     dtype: str | None = None,
     device: str | None = None,
@@ -295,6 +302,20 @@ def evaluate(
             T["speed"] = {"prefill_tok_s": _trio(_median(b, "prefill_tok_s"), _median(sh, "prefill_tok_s")),
                           "decode_tok_s": _trio(_median(b, "decode_tok_s"), _median(sh, "decode_tok_s")),
                           "device": str(_dev(v.base)), "runs": runs}
+    if "merge" in tasks:
+        from kvtool.compression import METHODS, CompressionSettings
+        from kvtool.compression_eval import compare_compression
+
+        plan_merge = CompressionSettings.from_dict(v.plan.merge) if v.plan.merge else None
+        budgets = list(merge_budgets or ([plan_merge.budget] if plan_merge and plan_merge.budget else []))
+        if budgets:
+            say(f"KV merging vs eviction at budget {', '.join(map(str, budgets))} "
+                f"(passkey at {s.merge_passkey_length}, long-context perplexity)")
+            T["merge"] = compare_compression(
+                v, budgets, tuple(merge_methods or METHODS), passkey_length=s.merge_passkey_length,
+                passkey_depths=s.merge_passkey_depths, ppl_samples=s.merge_ppl_samples,
+                ppl_context=s.merge_ppl_context, ppl_new=s.merge_ppl_new, data=data, base_settings=plan_merge,
+                log=say)
     if lm_eval_tasks:
         T["lm_eval"] = run_lm_eval(v, lm_eval_tasks, say)
     if plots is not None:

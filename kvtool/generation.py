@@ -18,13 +18,15 @@ def render(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
 
 
 def stream(model: str | None, prompt: str, *, max_new_tokens: int = 64, plan: str | Path | None = None,
-           sample: bool = False, chat: bool = True, dtype: str | None = None, device: str | None = None) -> str:
-    """Load ``model`` (an export loads with sharing on) and stream a continuation to stdout."""
+           sample: bool = False, chat: bool = True, dtype: str | None = None, device: str | None = None,
+           merge: dict | bool | None = None) -> str:
+    """Load ``model`` (an export loads with sharing on, and its merging unless ``merge`` is False) and stream a
+    continuation to stdout."""
     from transformers import TextStreamer
 
     from kvtool.loading import load
 
-    m, tok = load(None if model in (None, "default") else model, plan=plan, dtype=dtype, device=device)
+    m, tok = load(None if model in (None, "default") else model, plan=plan, dtype=dtype, device=device, merge=merge)
     ids = render(tok, prompt, chat).to(next(m.parameters()).device)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     kw = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if sample else {"do_sample": False}

@@ -141,12 +141,14 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | None = None,
     attn_implementation: str | None = None,
+    merge: Any = None,
 ):
     """Load ``(model, tokenizer)``.
 
     ``model``: None for the embedded SmolLM2-135M-Instruct, a local HF directory, a ``.gguf`` file, a hub id, or a
     directory written by ``kvtool export`` (loaded with sharing on, no remote code). ``plan``: a ``SharingPlan`` or
-    a path to a plan JSON, applied on the fly.
+    a path to a plan JSON, applied on the fly. ``merge``: prompt KV compression (a ``CompressionSettings`` or its
+    dict); by default the plan's or export's merge settings when it has them; ``False`` turns them off.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -199,6 +201,12 @@ def load(
         if getattr(m, "_kvtool_state", None) is not None:
             raise KvtoolError(f"{name} is an export with its own sharing map; do not pass a plan with it")
         apply_sharing(m, plan, drop_unused=True)
+    if merge is None:
+        merge = getattr(getattr(m, "kvtool_plan", None), "merge", None)
+    if merge:
+        from kvtool.compression import CompressionSettings, apply_compression
+
+        apply_compression(m, merge if isinstance(merge, CompressionSettings) else CompressionSettings.from_dict(merge))
     return m, tok
 
 

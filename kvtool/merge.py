@@ -1,18 +1,18 @@
-"""KVMerger's merging step (Wang et al., 2024), per KV head, on keys as stored (after RoPE).
+"""KVMerger's merging step (Wang et al., 2024) on keys as stored (after RoPE), batched over rows (batch × KV head).
 
 - Merging sets: runs of consecutive tokens whose adjacent keys have cosine similarity above a threshold chain into
-  one set (the paper's greedy scan). Protected tokens (attention sinks, a recent window, heavy hitters by
-  accumulated attention) never join a set.
-- Budget: a head keeps exactly ``keep`` entries. All adjacent pairs above ``eps`` are merged; if that leaves more
-  than ``keep`` entries, further pairs are merged in order of decreasing similarity until exactly ``keep`` remain,
-  which is the same as lowering this head's threshold to the similarity of the last merged pair. (If ``eps`` alone
-  already goes below ``keep``, pairs are merged only down to ``keep``: every head then holds the same number of
-  entries, so the cache stays a dense [batch, heads, keep, dim] tensor that really saves memory.)
+  one set (the paper's greedy scan). Protected tokens (the first ``sinks`` real tokens, the last ``recent``, and
+  the ``heavy`` highest accumulated-attention tokens) never join a set.
+- Budget: every row keeps exactly ``keep`` entries, so the cache stays a dense [batch, heads, keep, dim] tensor
+  that really saves memory. The row merges its adjacent pairs in order of decreasing similarity until ``keep``
+  entries remain: the same as lowering (or raising) that head's threshold to the similarity of the last pair
+  merged, which is returned as the row's effective threshold. Pairs that touch a protected token are merged only
+  if the unprotected ones cannot reach the budget (tiny prompts).
+- Left padding: padded positions only merge with each other (first, they are masked anyway) and never with a
+  real token, so each row's padded entries stay leading and the same count in every head of that row.
 - Each set collapses to one entry: pivot = the token of the set with the highest accumulated attention; weights
-  w_i ∝ exp(-||k_p - k_i||² / 2σ²), normalised over the set; merged key/value = Σ w_i k_i / Σ w_i v_i; the entry
-  keeps the pivot's position (used to gather the attention mask; the keys already carry their RoPE rotation).
-
-This module holds the tensor algorithm only; cache integration is not part of this version.
+  w_i ∝ exp(-||k_p - k_i||² / 2σ²), normalised over the set; merged key/value = Σ w_i k_i / Σ w_i v_i. The pivot's
+  position is returned with each entry; the keys already carry their RoPE rotation.
 """
 
 from __future__ import annotations
@@ -21,72 +21,115 @@ from dataclasses import dataclass
 
 import torch
 
+_PAD_PAIR = 4.0  # priority of a pad-pad pair (cosine similarity is at most 1)
+_PROTECTED = -4.0  # offset of pairs that touch a protected token: merged only as a last resort
+
 
 @dataclass
 class MergeResult:
-    keys: torch.Tensor  # [keep, D]
-    values: torch.Tensor  # [keep, D]
-    positions: torch.Tensor  # [keep] pivot positions, increasing
-    threshold: float  # the effective similarity threshold of this head
+    keys: torch.Tensor  # [R, keep, D]
+    values: torch.Tensor  # [R, keep, D]
+    positions: torch.Tensor  # [R, keep] pivot positions, increasing
+    threshold: torch.Tensor  # [R] the effective similarity threshold of each row
 
 
-def protected_mask(acc: torch.Tensor, sinks: int, recent: int, heavy: int) -> torch.Tensor:
-    """Tokens never merged: the first ``sinks``, the last ``recent``, and the ``heavy`` highest accumulated scores."""
-    T = acc.shape[0]
-    prot = torch.zeros(T, dtype=torch.bool)
-    prot[: min(sinks, T)] = True
+def protected_mask(acc: torch.Tensor, sinks: int, recent: int, heavy: int,
+                   pad: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, T] tokens never merged: the first ``sinks`` real tokens, the last ``recent`` tokens, and the ``heavy``
+    highest accumulated scores."""
+    R, T = acc.shape
+    pad = torch.zeros(R, T, dtype=torch.bool) if pad is None else pad
+    real = ~pad
+    prot = real & ((real.long().cumsum(1) - 1) < sinks)
     if recent:
-        prot[max(0, T - recent) :] = True
+        prot[:, max(0, T - recent) :] = True
     if heavy:
-        prot[acc.topk(min(heavy, T)).indices] = True
-    return prot
+        score = acc.float().masked_fill(pad, -float("inf"))
+        prot.scatter_(1, score.topk(min(heavy, T), dim=1).indices, True)
+    return prot & real
 
 
-def select_pairs(sim: torch.Tensor, protected: torch.Tensor, keep: int, eps: float) -> tuple[torch.Tensor, float]:
-    """Which adjacent pairs (t, t+1) to merge so that exactly ``keep`` entries remain (when possible).
-    ``sim``: [T-1] cosine similarity of adjacent keys. Returns (bool [T-1], effective threshold)."""
-    T = sim.shape[0] + 1
-    allowed = ~(protected[:-1] | protected[1:])
-    need = max(0, T - keep)  # pairs to merge
-    cand = torch.where(allowed, sim, torch.full_like(sim, -float("inf")))
-    order = torch.argsort(cand, descending=True, stable=True)
-    n_allowed = int(allowed.sum())
-    above = int((cand > eps).sum())
-    take = min(need, n_allowed) if above < need else need
-    chosen = torch.zeros_like(allowed)
-    chosen[order[:take]] = True
-    thr = float(cand[order[take - 1]]) if take > 0 else float("inf")
-    return chosen, thr
+def pair_scores(keys: torch.Tensor, protected: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """[R, T-1] merge priority of each adjacent pair: pad-pad first, then unprotected by cosine similarity, then
+    protected ones; a pair across the pad/real boundary never merges (-inf)."""
+    sim = torch.nn.functional.cosine_similarity(keys[:, 1:].float(), keys[:, :-1].float(), dim=-1)
+    touch = protected[:, 1:] | protected[:, :-1]
+    score = torch.where(touch, sim + _PROTECTED, sim)
+    score = torch.where(pad[:, 1:] & pad[:, :-1], torch.full_like(sim, _PAD_PAIR), score)
+    return score.masked_fill(pad[:, 1:] != pad[:, :-1], -float("inf"))
+
+
+def select_pairs(score: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the ``T - keep`` highest-priority adjacent pairs of each row, so exactly ``keep`` entries remain.
+    Returns (chosen bool [R, T-1], effective threshold [R]: the score of the last pair merged)."""
+    R, P = score.shape
+    need = P + 1 - keep
+    chosen = torch.zeros(R, P, dtype=torch.bool)
+    if need <= 0:
+        return chosen, torch.full((R,), float("inf"))
+    top = score.topk(need, dim=1)
+    if torch.isinf(top.values[:, -1]).any():
+        raise ValueError(f"cannot merge down to {keep} entries: padding and real tokens never merge")
+    chosen.scatter_(1, top.indices, True)
+    return chosen, top.values[:, -1]
+
+
+def entries_above(score: torch.Tensor, eps: float) -> torch.Tensor:
+    """[R] entries each row keeps when it merges exactly the pairs whose similarity exceeds ``eps``."""
+    return score.shape[1] + 1 - (score > eps).sum(1)
 
 
 def gaussian_merge(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, chosen: torch.Tensor,
                    sigma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Collapse each run of chosen pairs into one entry (vectorised over sets). Returns (keys, values, positions)."""
-    T = keys.shape[0]
-    starts = torch.ones(T, dtype=torch.long)
-    starts[1:] = (~chosen).long()  # a new set starts wherever the pair before it is not merged
-    set_id = starts.cumsum(0) - 1
-    n = int(set_id[-1]) + 1
+    """Collapse each run of chosen pairs into one entry; every row must end with the same number of sets.
+    ``keys``/``values`` [R, T, D], ``acc`` [R, T], ``chosen`` [R, T-1]. Returns (keys, values, pivot positions)."""
+    R, T, D = keys.shape
+    starts = torch.ones(R, T, dtype=torch.long)
+    starts[:, 1:] = (~chosen).long()  # a new set starts wherever the pair before it is not merged
+    set_id = starts.cumsum(1) - 1
+    n = int(set_id[0, -1]) + 1
+    if not torch.all(set_id[:, -1] == n - 1):
+        raise ValueError("rows end with different numbers of merging sets")
+    flat = (set_id + n * torch.arange(R)[:, None]).flatten()  # [R*T] global set index
+    a = acc.float().flatten()
     # pivot of each set: highest accumulated attention (first such token on ties)
-    best = torch.full((n,), -float("inf"), dtype=acc.dtype).scatter_reduce(0, set_id, acc, "amax")
-    is_best = acc == best[set_id]
-    idx = torch.arange(T)
-    pivot = torch.full((n,), T, dtype=torch.long).scatter_reduce(0, set_id, torch.where(is_best, idx, T), "amin")
-    d2 = (keys.float() - keys[pivot[set_id]].float()).pow(2).sum(-1)
+    best = torch.full((R * n,), -float("inf")).scatter_reduce(0, flat, a, "amax")
+    idx = torch.arange(T).repeat(R)
+    pivot = torch.full((R * n,), T, dtype=torch.long).scatter_reduce(0, flat, torch.where(a == best[flat], idx, T),
+                                                                     "amin")
+    k = keys.reshape(R * T, D).float()
+    v = values.reshape(R * T, D).float()
+    row_base = (torch.arange(R) * T).repeat_interleave(n)
+    d2 = (k - k[(pivot + row_base)[flat]]).pow(2).sum(-1)
     logw = -d2 / (2 * sigma**2)
-    logw = logw - torch.full((n,), -float("inf")).scatter_reduce(0, set_id, logw, "amax")[set_id]
+    logw = logw - torch.full((R * n,), -float("inf")).scatter_reduce(0, flat, logw, "amax")[flat]
     w = logw.exp()
-    w = w / torch.zeros(n).scatter_add(0, set_id, w)[set_id]
-    mk = torch.zeros(n, keys.shape[1]).index_add(0, set_id, w[:, None] * keys.float())
-    mv = torch.zeros(n, values.shape[1]).index_add(0, set_id, w[:, None] * values.float())
-    return mk.to(keys.dtype), mv.to(values.dtype), pivot
+    w = w / torch.zeros(R * n).scatter_add(0, flat, w)[flat]
+    mk = torch.zeros(R * n, D).index_add(0, flat, w[:, None] * k)
+    mv = torch.zeros(R * n, D).index_add(0, flat, w[:, None] * v)
+    return (mk.view(R, n, D).to(keys.dtype), mv.view(R, n, D).to(values.dtype), pivot.view(R, n))
 
 
-def merge_head(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, keep: int, *, eps: float = 0.75,
-               sigma: float = 5.0, sinks: int = 4, recent: int = 32, heavy: int = 0) -> MergeResult:
-    """Merge one head's prompt KV ([T, D] keys after RoPE, values, accumulated attention [T]) down to ``keep``."""
-    sim = torch.nn.functional.cosine_similarity(keys[1:].float(), keys[:-1].float(), dim=-1)
-    prot = protected_mask(acc, sinks, recent, heavy)
-    chosen, thr = select_pairs(sim, prot, keep, eps)
-    k, v, pos = gaussian_merge(keys, values, acc, chosen, sigma)
+def merge_rows(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, keep: int | None, *,
+               pad: torch.Tensor | None = None, eps: float = 0.75, sigma: float = 5.0, sinks: int = 4,
+               recent: int = 32, heavy: int = 0) -> MergeResult:
+    """Merge rows of prompt KV ([R, T, D] keys after RoPE, values, accumulated attention [R, T]) down to ``keep``
+    entries each. ``keep=None`` merges by the threshold ``eps`` alone, to the largest count any row keeps then (so
+    the rows stay dense: rows with more similar pairs merge only their most similar ones)."""
+    R, T, _ = keys.shape
+    pad = torch.zeros(R, T, dtype=torch.bool) if pad is None else pad
+    score = pair_scores(keys, protected_mask(acc, sinks, recent, heavy, pad), pad)
+    if keep is None:
+        keep = int(entries_above(score, eps).max())
+    keep = min(max(keep, 2 if pad.any() else 1), T)  # padding and real tokens never share an entry
+    if keep == T:
+        return MergeResult(keys, values, torch.arange(T).expand(R, T), torch.full((R,), float("inf")))
+    chosen, thr = select_pairs(score, keep)
+    k, v, pos = gaussian_merge(keys, values, acc.masked_fill(pad, 0), chosen, sigma)
     return MergeResult(k, v, pos, thr)
+
+
+def merge_head(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, keep: int | None, **kw) -> MergeResult:
+    """One head's prompt KV ([T, D]); the result has the row dimension dropped."""
+    r = merge_rows(keys[None], values[None], acc[None], keep, **kw)
+    return MergeResult(r.keys[0], r.values[0], r.positions[0], r.threshold[0])

@@ -92,8 +92,12 @@ class SharingPlan:
                 if types[i] != types[j]:
                     raise KvtoolError(f"plan: layer {j} ({types[j]}) reads layer {i} ({types[i]}); "
                                       "a consumer must read a layer of the same attention type")
-        if self.merge is not None and not isinstance(self.merge, dict):
-            raise KvtoolError("plan: merge must be an object or null")
+        if self.merge is not None:
+            from kvtool.compression import CompressionSettings
+
+            if not isinstance(self.merge, dict):
+                raise KvtoolError("plan: merge must be an object or null")
+            CompressionSettings.from_dict(self.merge)
         return self
 
     # ---- serialization -------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ without kvtool installed.
   mask, scaling and output projection. Its cache slot is a ``DummyLayer`` (``config.kv_sharing_modes``), so it
   stores nothing; its K/V projections are never called.
 The store is filled and emptied within one forward, so sharing holds with and without a cache.
+An optional ``compressor`` hook (set by ``kvtool.compression``; exports run without it) compresses an owner's
+prompt KV after its prefill attention and maps the attention mask onto the compressed entries.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class SharingState:
     last_reader: dict[int, int]  # source layer -> the last consumer that reads it (and pops the entry)
     store: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     observer: object = None  # optional callable(layer, q, k, v)
+    compressor: object = None  # optional prompt-KV compression hook (kvtool.compression.Compressor)
     had_modes: bool = False
     old_modes: object = None
 
@@ -108,6 +111,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         q, k, v = _project_qkv(self, hidden_states, fused, qk_norm)
         q, k = self._kvtool_rope(q, k, cos, sin)
         if past_key_values is not None:
+            if st.compressor is not None:
+                st.compressor.prepare(past_key_values, idx)
             k, v = past_key_values.update(k, v, idx)
         if idx in st.last_reader:
             st.store[idx] = (k, v)
@@ -120,15 +125,19 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
                                "forward") from None
     if st.observer is not None:
         st.observer(idx, q, k, v)
+    mask = attention_mask
+    if st.compressor is not None and past_key_values is not None:
+        mask = st.compressor.mask(past_key_values, src, attention_mask, k.shape[-2])
 
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._kvtool_eager)
     extra = {"sliding_window": self.sliding_window if hasattr(self, "sliding_window")
              else getattr(self.config, "sliding_window", None)}
     if hasattr(self, "attn_logit_softcapping"):
         extra["softcap"] = self.attn_logit_softcapping
-    out, weights = interface(self, q, k, v, attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout,
+    out, weights = interface(self, q, k, v, mask, dropout=0.0 if not self.training else self.attention_dropout,
                              scaling=self.scaling, **extra, **kwargs)
+    if st.compressor is not None and past_key_values is not None and src == idx:
+        st.compressor.after(self, idx, q, attention_mask, past_key_values)
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return self.o_proj(out), weights
 

@@ -1,0 +1,244 @@
+"""Prompt KV compression at prefill, composable with layer sharing: KVMerger merging, or the H2O / StreamingLLM
+eviction baselines in the same harness and at the same budget.
+
+It runs inside the sharing runtime's attention forward (``kvtool.shared_attention``): an owner layer attends over
+its full prompt KV as usual, then computes the accumulated attention of its own queries, compresses its cache slot
+(a ``CompressedLayer``) to ``floor(layer_keep × T)`` entries per KV head, and decoding appends to it. A consumer
+layer reads its source's compressed cache. Not compressed: the protected layers (KVMerger: the first two and the
+last), sliding-window layers (their cache is already bounded), forwards without a cache, and any forward after the
+first (only the prompt is compressed). ``budget`` is the kept share of the prompt KV the model stores in its
+full-attention owner layers: unprotected owners get a tighter per-layer share so that the total meets it, and
+every KV head of a layer keeps the same count, so the cache stays dense and the memory saving is real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from kvtool.compressed_cache import CompressedLayer
+from kvtool.errors import KvtoolError
+from kvtool.eviction import gather_rows, h2o_keep, streaming_keep
+from kvtool.merge import merge_rows
+
+METHODS = ("kvmerger", "h2o", "streaming")
+_INFO_KEYS = {"layer_budget"}  # written by `search --merge-budget` for reading, recomputed at load
+
+
+@dataclass
+class CompressionSettings:
+    method: str = "kvmerger"
+    budget: float | None = 0.5  # kept share of the prompt KV; None: merge by threshold alone (kvmerger only)
+    eps: float = 0.75  # KVMerger's similarity threshold when no budget (or no calibrated threshold) is given
+    sigma: float = 5.0  # Gaussian kernel width of the merge
+    sinks: int = 4  # first real tokens never merged / always kept (StreamingLLM)
+    recent: int = 32  # most recent prompt tokens never merged (capped at a quarter of the kept entries)
+    heavy: float = 0.25  # share of the kept entries reserved for heavy hitters (highest accumulated attention)
+    protected_layers: list[int] | None = None  # None: KVMerger's first two and last layers
+    thresholds: list[list[float] | None] | None = None  # calibrated per layer and KV head (`search --merge-budget`)
+
+    def validate(self) -> CompressionSettings:
+        if self.method not in METHODS:
+            raise KvtoolError(f"unknown compression method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.budget is None:
+            if self.method != "kvmerger":
+                raise KvtoolError(f"{self.method} needs a budget")
+        elif not 0 < self.budget <= 1:
+            raise KvtoolError(f"merge budget must be in (0, 1], got {self.budget}")
+        if self.sigma <= 0 or self.sinks < 0 or self.recent < 0 or not 0 <= self.heavy <= 0.75:
+            raise KvtoolError("compression: sigma must be > 0, sinks/recent >= 0 and heavy in [0, 0.75]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompressionSettings:
+        if not isinstance(d, dict):
+            raise KvtoolError("merge settings must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - _INFO_KEYS
+        if unknown:
+            raise KvtoolError(f"merge settings: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+
+def layer_keep(settings: CompressionSettings, kv_source_layers: list[int], layer_types: list[str] | None
+               ) -> list[float | None]:
+    """Per layer: the share of its prompt entries an owner keeps (None: not compressed)."""
+    L = len(kv_source_layers)
+    prot = set(settings.protected_layers if settings.protected_layers is not None else {0, 1, L - 1})
+    types = layer_types or ["full_attention"] * L
+    # sliding-window layers keep their bounded window cache: the budget is over the full-attention owners
+    owners = [i for i, s in enumerate(kv_source_layers) if s == i and types[i] != "sliding_attention"]
+    merged = [i for i in owners if i not in prot]
+    keep: list[float | None] = [None] * L
+    if not merged or settings.budget is None:
+        for i in merged:
+            keep[i] = 1.0 if settings.budget is None else None
+        return keep
+    share = (settings.budget * len(owners) - (len(owners) - len(merged))) / len(merged)
+    if share < 0.05:
+        raise KvtoolError(f"a budget of {settings.budget} cannot be met while layers {sorted(prot)} stay whole "
+                          f"(only {len(merged)} of {len(owners)} full-attention owner layers can be compressed)")
+    for i in merged:
+        keep[i] = min(1.0, max(share, 0.0))
+    return keep
+
+
+def _allowed(mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
+    """[B, 1|H, T, T] bool: which prompt key each prompt query may attend to."""
+    if mask is None:
+        return torch.ones(T, T, dtype=torch.bool).tril()[None, None].expand(B, 1, T, T)
+    m = mask[..., :T]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m.expand(B, *m.shape[1:])
+
+
+def accumulated_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scaling: float,
+                          chunk: int = 512) -> torch.Tensor:
+    """[B, Hkv, T]: attention each prompt key receives, summed over the prompt's queries and the query heads that
+    share the KV head (H2O's accumulated attention), computed in query chunks."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    kk = k.float().repeat_interleave(Hq // Hkv, dim=1)
+    acc = torch.zeros(B, Hq, T, dtype=torch.float32, device=q.device)
+    for s in range(0, T, chunk):
+        sc = (q[:, :, s : s + chunk].float() @ kk.transpose(-1, -2)) * scaling
+        sc = sc.masked_fill(~allowed[:, :, s : s + chunk], -float("inf"))
+        acc += torch.softmax(sc, dim=-1).nan_to_num(0.0).sum(2)
+    return acc.view(B, Hkv, Hq // Hkv, T).sum(2)
+
+
+class Compressor:
+    """The hook the sharing runtime calls in each attention forward (see ``shared_attention.attention_forward``)."""
+
+    def __init__(self, settings: CompressionSettings, keep: list[float | None]) -> None:
+        self.settings = settings
+        self.keep = keep
+        self.last: dict[int, dict[str, Any]] = {}  # per layer: what the last compression did (for reports)
+
+    def prepare(self, cache: Any, idx: int) -> None:
+        """Before an owner's cache update: give a compressed layer a ``CompressedLayer`` slot."""
+        if self.keep[idx] is None:
+            return
+        layers = getattr(cache, "layers", None)
+        if layers is None:
+            raise KvtoolError("KV compression needs a DynamicCache")
+        if getattr(cache, "layer_class_to_replicate", None) is not None:
+            while len(layers) <= idx:
+                layers.append(cache.layer_class_to_replicate())
+        layer = layers[idx]
+        if isinstance(layer, CompressedLayer):
+            return
+        if type(layer) is not DynamicLayer:
+            raise KvtoolError(f"KV compression needs a DynamicCache, got a {type(layer).__name__} layer")
+        if layer.is_initialized and layer.get_seq_length() > 0:
+            return  # a cache filled before compression was turned on: left as is
+        layers[idx] = CompressedLayer()
+
+    def mask(self, cache: Any, src: int, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+        layers = getattr(cache, "layers", None)
+        if layers is None or src >= len(layers) or not isinstance(layers[src], CompressedLayer):
+            return mask
+        return layers[src].attention_mask(mask, kv_len)
+
+    def after(self, module: nn.Module, idx: int, q: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> None:
+        """After an owner's attention: compress its prompt if this forward was the prefill."""
+        frac = self.keep[idx]
+        layer = cache.layers[idx] if idx < len(getattr(cache, "layers", [])) else None
+        if frac is None or not isinstance(layer, CompressedLayer) or layer.compressed:
+            return
+        B, Hkv, T, D = layer.keys.shape
+        if q.shape[-2] != T or T < 2:
+            return
+        s = self.settings
+        n = max(1, math.floor(frac * T)) if s.budget is not None else None
+        if n is not None and n >= T:
+            return
+        allowed = _allowed(mask, B, T)
+        pad = (~allowed[:, 0, -1, :]).repeat_interleave(Hkv, dim=0)  # [B*Hkv, T]: padding (left) positions
+        keys, values = layer.keys.reshape(B * Hkv, T, D), layer.values.reshape(B * Hkv, T, D)
+        acc = None
+        if s.method != "streaming":
+            acc = accumulated_attention(q, layer.keys, allowed, module.scaling).reshape(B * Hkv, T)
+        thr = None
+        if s.method == "kvmerger":
+            eps: Any = s.eps
+            if s.thresholds is not None and s.thresholds[idx] is not None:
+                eps = torch.tensor(s.thresholds[idx]).repeat(B)
+            cap = n if n is not None else T
+            r = merge_rows(keys, values, acc, n, pad=pad, eps=eps, sigma=s.sigma, sinks=s.sinks,
+                           recent=min(s.recent, cap // 4), heavy=int(s.heavy * cap))
+            k2, v2, pos, thr = r.keys, r.values, r.positions, r.threshold
+        else:
+            pos = h2o_keep(acc, pad, n) if s.method == "h2o" else streaming_keep(pad, n, s.sinks)
+            k2, v2 = gather_rows(keys, pos), gather_rows(values, pos)
+        n2 = k2.shape[1]
+        pad_entries = pad.gather(1, pos).sum(1).view(B, Hkv)
+        layer.compress(k2.view(B, Hkv, n2, D), v2.view(B, Hkv, n2, D), pad_entries[:, 0])
+        self.last[idx] = {"prompt": T, "kept": n2,
+                          "threshold": None if thr is None else float(thr[torch.isfinite(thr)].mean())
+                          if torch.isfinite(thr).any() else None}
+
+
+def _state(model: nn.Module):
+    return getattr(model, "_kvtool_state", None)
+
+
+def apply_compression(model: nn.Module, settings: CompressionSettings | None = None, **kw: Any) -> nn.Module:
+    """Turn on prompt KV compression (``settings`` or keyword fields of ``CompressionSettings``) for ``model``,
+    sharing or not; returns the model. Needs sdpa or eager attention."""
+    from kvtool.archs import layer_types
+    from kvtool.plan import SharingPlan
+    from kvtool.runtime import apply_sharing
+
+    settings = (settings or CompressionSettings(**kw)).validate()
+    impl = model.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise KvtoolError(f"KV compression needs sdpa or eager attention, not {impl}")
+    if _state(model) is None:
+        apply_sharing(model, SharingPlan.identity(model.config.num_hidden_layers))
+    st = _state(model)
+    if settings.thresholds is not None and len(settings.thresholds) != len(st.kv_source_layers):
+        raise KvtoolError(f"merge thresholds cover {len(settings.thresholds)} layers; the model has "
+                          f"{len(st.kv_source_layers)}")
+    st.compressor = Compressor(settings, layer_keep(settings, st.kv_source_layers, layer_types(model.config)))
+    model.kvtool_compression = settings
+    return model
+
+
+def remove_compression(model: nn.Module) -> nn.Module:
+    st = _state(model)
+    if st is not None:
+        st.compressor = None
+    model.__dict__.pop("kvtool_compression", None)
+    return model
+
+
+@contextlib.contextmanager
+def compression(model: nn.Module, settings: CompressionSettings | None = None, **kw: Any) -> Iterator[nn.Module]:
+    """Compression for the duration of the block (the sharing state, if any, is kept; an identity one that was
+    added for it is removed)."""
+    from kvtool.runtime import remove_sharing
+
+    had_state = _state(model) is not None
+    prev = getattr(model, "kvtool_compression", None)
+    apply_compression(model, settings, **kw)
+    try:
+        yield model
+    finally:
+        remove_compression(model)
+        if not had_state:
+            remove_sharing(model)
+        elif prev is not None:
+            apply_compression(model, prev)
+
