@@ -185,9 +185,9 @@ class Compressor:
         n2 = k2.shape[1]
         pad_entries = pad.gather(1, pos).sum(1).view(B, Hkv)
         layer.compress(k2.view(B, Hkv, n2, D), v2.view(B, Hkv, n2, D), pad_entries[:, 0])
+        real = None if thr is None else thr[(thr >= -1) & (thr <= 1)]  # pairs of real, unprotected tokens
         self.last[idx] = {"prompt": T, "kept": n2,
-                          "threshold": None if thr is None else float(thr[torch.isfinite(thr)].mean())
-                          if torch.isfinite(thr).any() else None}
+                          "threshold": float(real.mean()) if real is not None and real.numel() else None}
 
 
 def _state(model: nn.Module):

@@ -74,8 +74,10 @@ def select_pairs(score: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Te
     return chosen, top.values[:, -1]
 
 
-def entries_above(score: torch.Tensor, eps: float) -> torch.Tensor:
-    """[R] entries each row keeps when it merges exactly the pairs whose similarity exceeds ``eps``."""
+def entries_above(score: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """[R] entries each row keeps when it merges exactly the pairs whose similarity exceeds ``eps`` (a float, or
+    one threshold per row)."""
+    eps = torch.as_tensor(eps, dtype=score.dtype).reshape(-1, 1)
     return score.shape[1] + 1 - (score > eps).sum(1)
 
 
@@ -111,7 +113,7 @@ def gaussian_merge(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, 
 
 
 def merge_rows(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, keep: int | None, *,
-               pad: torch.Tensor | None = None, eps: float = 0.75, sigma: float = 5.0, sinks: int = 4,
+               pad: torch.Tensor | None = None, eps: float | torch.Tensor = 0.75, sigma: float = 5.0, sinks: int = 4,
                recent: int = 32, heavy: int = 0) -> MergeResult:
     """Merge rows of prompt KV ([R, T, D] keys after RoPE, values, accumulated attention [R, T]) down to ``keep``
     entries each. ``keep=None`` merges by the threshold ``eps`` alone, to the largest count any row keeps then (so

@@ -181,3 +181,18 @@ def kv_bytes_full(m, plan) -> int:
         c = DynamicCache(config=m.config)
         m(_ids(t=30), past_key_values=c)
     return kv_bytes(c)
+
+
+@torch.no_grad()
+def test_threshold_mode_uses_calibrated_thresholds_and_stays_dense():
+    m = tiny_model("llama")
+    T = 40
+    lo = CompressionSettings(budget=None, thresholds=[[0.0, 0.0]] * 6, recent=4, heavy=0.0, **ALL_LAYERS)
+    hi = CompressionSettings(budget=None, thresholds=[[0.9, 0.9]] * 6, recent=4, heavy=0.0, **ALL_LAYERS)
+    kept = []
+    for st in (lo, hi):
+        with compression(m, st):
+            c = DynamicCache(config=m.config)
+            m(_ids(t=T), past_key_values=c)
+            kept.append([layer.keys.shape[-2] for layer in c.layers])
+    assert all(a < b <= T for a, b in zip(kept[0], kept[1], strict=True))  # a lower threshold merges more

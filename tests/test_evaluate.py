@@ -82,3 +82,32 @@ def test_cli_eval_and_frontier(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "bogus" in r.output
     r = runner.invoke(app, ["eval", *args])
     assert r.exit_code == 2 and "--plan" in r.output
+
+
+def test_merge_task_compares_merging_with_eviction(tiny_dir, tmp_path):
+    from dataclasses import replace
+
+    plan = SharingPlan([0, 1, 1, 3, 3, 5], merge={"method": "kvmerger", "budget": 0.5, "protected_layers": []})
+    plan.save(tmp_path / "m.json")
+    fast = replace(FAST, merge_passkey_length=64, merge_passkey_depths=(0.5,), merge_ppl_samples=1,
+                   merge_ppl_context=48, merge_ppl_new=16)
+    rep = evaluate(plan=tmp_path / "m.json", model=str(tiny_dir), settings=fast, tasks=("merge",))
+    rows = rep["tasks"]["merge"]["rows"]
+    assert [(r["variant"], r["method"]) for r in rows] == [
+        (v, m) for v in ("base", "shared") for m in ("none", "kvmerger", "h2o", "streaming")]
+    by = {(r["variant"], r["method"]): r for r in rows}
+    assert by["base", "none"]["kv_ratio"] == 1.0
+    assert by["shared", "none"]["kv_ratio"] == pytest.approx(4 / 6)
+    for m in ("kvmerger", "h2o", "streaming"):  # 64-token prompt, every owner keeps floor(0.5 * T) entries
+        assert by["base", m]["kv_ratio"] == pytest.approx(0.5, abs=0.02)
+        assert by["shared", m]["kv_ratio"] == pytest.approx(0.5 * 4 / 6, abs=0.02)
+        assert 0 <= by["shared", m]["passkey"] <= 1 and by["shared", m]["ppl"] > 1
+    # the CLI: a budget outside (0, 1] and one the protected layers make impossible are one-line errors
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", "--plan", str(tmp_path / "m.json"), "--model", str(tiny_dir), "--tasks", "merge",
+                            "--merge-budget", "1.5"])
+    assert r.exit_code == 2 and "--merge-budget" in r.output
+    SharingPlan([0, 1, 1, 3, 3, 5]).save(tmp_path / "p.json")
+    r = runner.invoke(app, ["eval", "--plan", str(tmp_path / "p.json"), "--model", str(tiny_dir), "--tasks", "merge",
+                            "--merge-budget", "0.5", "--merge-length", "64"])
+    assert r.exit_code == 2 and "cannot be met" in r.output and "Traceback" not in r.output
