@@ -300,6 +300,8 @@ def eval_(
     merge_methods: Annotated[str, typer.Option(help="comma list of kvmerger,h2o,streaming")] =
         "kvmerger,h2o,streaming",
     merge_length: Annotated[int, typer.Option(min=64, help="passkey prompt length for the merge task")] = 2048,
+    merge_depths: Annotated[int, typer.Option(min=1, help="passkey depths (evenly spaced) for the merge task")] = 10,
+    merge_ppl_samples: Annotated[int, typer.Option(min=1, help="long-context perplexity windows")] = 4,
     ppl_samples: Annotated[int, typer.Option(min=1)] = 8,
     ppl_seq_len: Annotated[int, typer.Option(min=8)] = 256,
     passkey_lengths: Annotated[str, typer.Option(help="comma list of prompt lengths")] = "512,1024,2048",
@@ -321,6 +323,8 @@ def eval_(
     settings = EvalSettings(ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, passkey_lengths=lengths,
                             speed_batch=speed_batch, speed_prompt=speed_prompt, speed_new=speed_new,
                             speed_repeats=repeats, merge_passkey_length=merge_length,
+                            merge_passkey_depths=tuple(round((i + 0.5) / merge_depths, 4) for i in range(merge_depths)),
+                            merge_ppl_samples=merge_ppl_samples,
                             merge_ppl_context=max(32, merge_length * 3 // 4), merge_ppl_new=max(8, merge_length // 4))
     for b in merge_budget or []:
         if not 0 < b <= 1:

@@ -21,6 +21,7 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0  # positions this layer has been given
         self.prompt_len: int | None = None  # positions covered by the compressed prompt, once compressed
         self.pad_entries: torch.Tensor | None = None  # [B] leading padded entries of the compressed prompt
+        self.log_sizes: torch.Tensor | None = None  # [B, H, entries] log of the tokens merged into each entry
 
     @property
     def compressed(self) -> bool:
@@ -34,19 +35,42 @@ class CompressedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.seen
 
-    def compress(self, keys: torch.Tensor, values: torch.Tensor, pad_entries: torch.Tensor) -> None:
-        """Replace the stored prompt (all of this layer's entries so far) with its compressed form."""
+    def compress(self, keys: torch.Tensor, values: torch.Tensor, pad_entries: torch.Tensor,
+                 sizes: torch.Tensor | None = None) -> None:
+        """Replace the stored prompt (all of this layer's entries so far) with its compressed form; ``sizes``
+        [B, H, entries] (tokens per merged entry) turns on size-weighted attention."""
         self.prompt_len = self.seen
         self.keys, self.values, self.pad_entries = keys.contiguous(), values.contiguous(), pad_entries
+        self.log_sizes = None if sizes is None else sizes.to(keys.dtype).log()
 
     def prompt_entries(self) -> int:
         return self.keys.shape[-2] - (self.seen - self.prompt_len)
 
-    def attention_mask(self, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    def attention_mask(self, mask: torch.Tensor | None, kv_len: int, q_heads: int, q_len: int,
+                       dtype: torch.dtype) -> torch.Tensor | None:
         """The mask over ``kv_len`` attended entries, from the mask transformers built over positions
-        ([B or 1, 1|H, q, positions]); unchanged when they are the uncompressed positions (a consumer's prefill)."""
-        if mask is None or not self.compressed or mask.shape[-1] == kv_len:
+        ([B or 1, 1|H, q, positions]); unchanged when they are the uncompressed positions (a consumer's prefill).
+        With merged sizes, an entry of m tokens gets + log m on its logits (so a merged run keeps the attention
+        mass its tokens had together), and the mask becomes additive and per head."""
+        if not self.compressed or (mask is not None and mask.shape[-1] == kv_len):
             return mask
+        if mask is not None:
+            mask = self._gather(mask)
+        if self.log_sizes is None:
+            return mask
+        B, H, n = self.log_sizes.shape
+        low = torch.finfo(dtype).min
+        if mask is None:
+            add = torch.zeros(B, 1, q_len, kv_len, dtype=dtype, device=self.keys.device)
+        elif mask.dtype == torch.bool:
+            add = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, low)
+        else:
+            add = mask.to(dtype)
+        add = add.expand(B, q_heads, q_len, kv_len).clone()
+        add[..., :n] += self.log_sizes.repeat_interleave(q_heads // H, dim=1)[:, :, None, :]
+        return add.clamp_min(low)
+
+    def _gather(self, mask: torch.Tensor) -> torch.Tensor:
         T, n = self.prompt_len, self.prompt_entries()
         B = self.pad_entries.shape[0]
         mask = mask.expand(B, *mask.shape[1:])
@@ -58,7 +82,7 @@ class CompressedLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.seen, self.prompt_len, self.pad_entries = 0, None, None
+        self.seen, self.prompt_len, self.pad_entries, self.log_sizes = 0, None, None, None
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a compressed KV cache cannot be cropped (assisted decoding is not supported with merging)")
@@ -67,13 +91,19 @@ class CompressedLayer(DynamicLayer):
         super().reorder_cache(beam_idx)
         if self.pad_entries is not None:
             self.pad_entries = self.pad_entries.index_select(0, beam_idx.to(self.pad_entries.device))
+        if self.log_sizes is not None:
+            self.log_sizes = self.log_sizes.index_select(0, beam_idx.to(self.log_sizes.device))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.pad_entries is not None:
             self.pad_entries = self.pad_entries.repeat_interleave(repeats, dim=0)
+        if self.log_sizes is not None:
+            self.log_sizes = self.log_sizes.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         if self.pad_entries is not None:
             self.pad_entries = self.pad_entries[indices]
+        if self.log_sizes is not None:
+            self.log_sizes = self.log_sizes[indices]

@@ -41,6 +41,7 @@ class CompressionSettings:
     sinks: int = 4  # first real tokens never merged / always kept (StreamingLLM)
     recent: int = 32  # most recent prompt tokens never merged (capped at a quarter of the kept entries)
     heavy: float = 0.25  # share of the kept entries reserved for heavy hitters (highest accumulated attention)
+    size_bias: bool = False  # beyond the paper: an entry of m merged tokens gets + log m on its attention logits
     protected_layers: list[int] | None = None  # None: KVMerger's first two and last layers
     thresholds: list[list[float] | None] | None = None  # calibrated per layer and KV head (`search --merge-budget`)
 
@@ -145,11 +146,12 @@ class Compressor:
             return  # a cache filled before compression was turned on: left as is
         layers[idx] = CompressedLayer()
 
-    def mask(self, cache: Any, src: int, mask: torch.Tensor | None, kv_len: int) -> torch.Tensor | None:
+    def mask(self, cache: Any, src: int, mask: torch.Tensor | None, q: torch.Tensor, kv_len: int
+             ) -> torch.Tensor | None:
         layers = getattr(cache, "layers", None)
         if layers is None or src >= len(layers) or not isinstance(layers[src], CompressedLayer):
             return mask
-        return layers[src].attention_mask(mask, kv_len)
+        return layers[src].attention_mask(mask, kv_len, q.shape[1], q.shape[-2], q.dtype)
 
     def after(self, module: nn.Module, idx: int, q: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> None:
         """After an owner's attention: compress its prompt if this forward was the prefill."""
@@ -170,7 +172,7 @@ class Compressor:
         acc = None
         if s.method != "streaming":
             acc = accumulated_attention(q, layer.keys, allowed, module.scaling).reshape(B * Hkv, T)
-        thr = None
+        thr = sizes = None
         if s.method == "kvmerger":
             eps: Any = s.eps
             if s.thresholds is not None and s.thresholds[idx] is not None:
@@ -179,12 +181,15 @@ class Compressor:
             r = merge_rows(keys, values, acc, n, pad=pad, eps=eps, sigma=s.sigma, sinks=s.sinks,
                            recent=min(s.recent, cap // 4), heavy=int(s.heavy * cap))
             k2, v2, pos, thr = r.keys, r.values, r.positions, r.threshold
+            if s.size_bias:
+                sizes = r.sizes
         else:
             pos = h2o_keep(acc, pad, n) if s.method == "h2o" else streaming_keep(pad, n, s.sinks)
             k2, v2 = gather_rows(keys, pos), gather_rows(values, pos)
         n2 = k2.shape[1]
         pad_entries = pad.gather(1, pos).sum(1).view(B, Hkv)
-        layer.compress(k2.view(B, Hkv, n2, D), v2.view(B, Hkv, n2, D), pad_entries[:, 0])
+        layer.compress(k2.view(B, Hkv, n2, D), v2.view(B, Hkv, n2, D), pad_entries[:, 0],
+                       None if sizes is None else sizes.view(B, Hkv, n2))
         real = None if thr is None else thr[(thr >= -1) & (thr <= 1)]  # pairs of real, unprotected tokens
         self.last[idx] = {"prompt": T, "kept": n2,
                           "threshold": float(real.mean()) if real is not None and real.numel() else None}

@@ -31,6 +31,7 @@ class MergeResult:
     values: torch.Tensor  # [R, keep, D]
     positions: torch.Tensor  # [R, keep] pivot positions, increasing
     threshold: torch.Tensor  # [R] the effective similarity threshold of each row
+    sizes: torch.Tensor | None = None  # [R, keep] tokens merged into each entry
 
 
 def protected_mask(acc: torch.Tensor, sinks: int, recent: int, heavy: int,
@@ -125,13 +126,17 @@ def merge_rows(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, keep
         keep = int(entries_above(score, eps).max())
     keep = min(max(keep, 2 if pad.any() else 1), T)  # padding and real tokens never share an entry
     if keep == T:
-        return MergeResult(keys, values, torch.arange(T).expand(R, T), torch.full((R,), float("inf")))
+        return MergeResult(keys, values, torch.arange(T).expand(R, T), torch.full((R,), float("inf")),
+                           torch.ones(R, T, dtype=torch.long))
     chosen, thr = select_pairs(score, keep)
     k, v, pos = gaussian_merge(keys, values, acc.masked_fill(pad, 0), chosen, sigma)
-    return MergeResult(k, v, pos, thr)
+    starts = torch.cat([torch.ones(R, 1, dtype=torch.long), (~chosen).long()], dim=1)
+    ones = torch.ones(R, T, dtype=torch.long)
+    sizes = torch.zeros(R, keep, dtype=torch.long).scatter_add_(1, starts.cumsum(1) - 1, ones)
+    return MergeResult(k, v, pos, thr, sizes)
 
 
 def merge_head(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, keep: int | None, **kw) -> MergeResult:
     """One head's prompt KV ([T, D]); the result has the row dimension dropped."""
     r = merge_rows(keys[None], values[None], acc[None], keep, **kw)
-    return MergeResult(r.keys[0], r.values[0], r.positions[0], r.threshold[0])
+    return MergeResult(r.keys[0], r.values[0], r.positions[0], r.threshold[0], r.sizes[0])

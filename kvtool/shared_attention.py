@@ -127,7 +127,7 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         st.observer(idx, q, k, v)
     mask = attention_mask
     if st.compressor is not None and past_key_values is not None:
-        mask = st.compressor.mask(past_key_values, src, attention_mask, k.shape[-2])
+        mask = st.compressor.mask(past_key_values, src, attention_mask, q, k.shape[-2])
 
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._kvtool_eager)
     extra = {"sliding_window": self.sliding_window if hasattr(self, "sliding_window")

@@ -196,3 +196,24 @@ def test_threshold_mode_uses_calibrated_thresholds_and_stays_dense():
             m(_ids(t=T), past_key_values=c)
             kept.append([layer.keys.shape[-2] for layer in c.layers])
     assert all(a < b <= T for a, b in zip(kept[0], kept[1], strict=True))  # a lower threshold merges more
+
+
+def test_size_bias_makes_a_merged_run_of_equal_tokens_exact():
+    """m identical tokens merged into one entry with + log m on its logits attend exactly as the m tokens did."""
+    torch.manual_seed(0)
+    k, v = torch.randn(1, 1, 6, 8), torch.randn(1, 1, 6, 8)
+    k[:, :, 2:5], v[:, :, 2:5] = k[:, :, 2:3], v[:, :, 2:3]  # tokens 2, 3, 4 are one run
+    q = torch.randn(1, 2, 1, 8)  # two query heads share the KV head
+    full = torch.nn.functional.scaled_dot_product_attention(q, k.expand(1, 2, 6, 8), v.expand(1, 2, 6, 8))
+    layer = CompressedLayer()
+    layer.update(k, v)
+    keep = [0, 1, 2, 5]
+    layer.compress(k[:, :, keep], v[:, :, keep], torch.tensor([0]), torch.tensor([[[1, 1, 3, 1]]]))
+    mask = layer.attention_mask(None, 4, q_heads=2, q_len=1, dtype=torch.float32)
+    merged = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, keep].expand(1, 2, 4, 8),
+                                                              v[:, :, keep].expand(1, 2, 4, 8), attn_mask=mask)
+    torch.testing.assert_close(merged, full)
+    layer.log_sizes = None  # without the bias the run is under-weighted
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, keep].expand(1, 2, 4, 8),
+                                                             v[:, :, keep].expand(1, 2, 4, 8))
+    assert not torch.allclose(plain, full, atol=1e-3)
