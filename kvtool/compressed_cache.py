@@ -87,23 +87,21 @@ class CompressedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError("a compressed KV cache cannot be cropped (assisted decoding is not supported with merging)")
 
+    def _per_row(self, fn) -> None:
+        """Apply a batch-dimension operation to the per-row side tensors too."""
+        for name in ("pad_entries", "log_sizes"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.pad_entries is not None:
-            self.pad_entries = self.pad_entries.index_select(0, beam_idx.to(self.pad_entries.device))
-        if self.log_sizes is not None:
-            self.log_sizes = self.log_sizes.index_select(0, beam_idx.to(self.log_sizes.device))
+        self._per_row(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.pad_entries is not None:
-            self.pad_entries = self.pad_entries.repeat_interleave(repeats, dim=0)
-        if self.log_sizes is not None:
-            self.log_sizes = self.log_sizes.repeat_interleave(repeats, dim=0)
+        self._per_row(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.pad_entries is not None:
-            self.pad_entries = self.pad_entries[indices]
-        if self.log_sizes is not None:
-            self.log_sizes = self.log_sizes[indices]
+        self._per_row(lambda t: t[indices])

@@ -27,6 +27,8 @@ from kvtool.compressed_cache import CompressedLayer
 from kvtool.errors import KvtoolError
 from kvtool.eviction import gather_rows, h2o_keep, streaming_keep
 from kvtool.merge import merge_rows
+from kvtool.merge_plan import protected_layers
+from kvtool.runtime import _state, apply_sharing, remove_sharing
 
 METHODS = ("kvmerger", "h2o", "streaming")
 _INFO_KEYS = {"layer_budget"}  # written by `search --merge-budget` for reading, recomputed at load
@@ -75,15 +77,17 @@ def layer_keep(settings: CompressionSettings, kv_source_layers: list[int], layer
                ) -> list[float | None]:
     """Per layer: the share of its prompt entries an owner keeps (None: not compressed)."""
     L = len(kv_source_layers)
-    prot = set(settings.protected_layers if settings.protected_layers is not None else {0, 1, L - 1})
+    prot = set(settings.protected_layers if settings.protected_layers is not None else protected_layers(L))
     types = layer_types or ["full_attention"] * L
     # sliding-window layers keep their bounded window cache: the budget is over the full-attention owners
     owners = [i for i, s in enumerate(kv_source_layers) if s == i and types[i] != "sliding_attention"]
     merged = [i for i in owners if i not in prot]
     keep: list[float | None] = [None] * L
-    if not merged or settings.budget is None:
+    if settings.budget is None:  # threshold mode: every merged layer compresses, by similarity alone
         for i in merged:
-            keep[i] = 1.0 if settings.budget is None else None
+            keep[i] = 1.0
+        return keep
+    if not merged:
         return keep
     share = (settings.budget * len(owners) - (len(owners) - len(merged))) / len(merged)
     if share < 0.05:
@@ -195,16 +199,11 @@ class Compressor:
                           "threshold": float(real.mean()) if real is not None and real.numel() else None}
 
 
-def _state(model: nn.Module):
-    return getattr(model, "_kvtool_state", None)
-
-
 def apply_compression(model: nn.Module, settings: CompressionSettings | None = None, **kw: Any) -> nn.Module:
     """Turn on prompt KV compression (``settings`` or keyword fields of ``CompressionSettings``) for ``model``,
     sharing or not; returns the model. Needs sdpa or eager attention."""
     from kvtool.archs import layer_types
     from kvtool.plan import SharingPlan
-    from kvtool.runtime import apply_sharing
 
     settings = (settings or CompressionSettings(**kw)).validate()
     impl = model.config._attn_implementation
@@ -233,8 +232,6 @@ def remove_compression(model: nn.Module) -> nn.Module:
 def compression(model: nn.Module, settings: CompressionSettings | None = None, **kw: Any) -> Iterator[nn.Module]:
     """Compression for the duration of the block (the sharing state, if any, is kept; an identity one that was
     added for it is removed)."""
-    from kvtool.runtime import remove_sharing
-
     had_state = _state(model) is not None
     prev = getattr(model, "kvtool_compression", None)
     apply_compression(model, settings, **kw)

@@ -32,28 +32,6 @@ def long_context_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int
     return float(nll), target.numel()
 
 
-@torch.no_grad()
-def prefill_kv_bytes(model, ids: torch.Tensor) -> int:
-    from kvtool.probe import kv_bytes
-
-    cache = DynamicCache(config=model.config)
-    model(ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return kv_bytes(cache)
-
-
-@torch.no_grad()
-def passkey_accuracy(model, tokenizer, cases) -> float:
-    from kvtool.passkey import answer_ok
-
-    hits = 0
-    for c in cases:
-        ids = c.input_ids.to(next(model.parameters()).device)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        hits += answer_ok(tokenizer.decode(out[0, ids.shape[1]:]), c.key)
-    return hits / len(cases)
-
-
 def compare_compression(v, budgets: list[float], methods: tuple[str, ...] = METHODS, *, passkey_length: int = 2048,
                         passkey_depths: tuple[float, ...] = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85,
                                                               0.95),
@@ -63,7 +41,8 @@ def compare_compression(v, budgets: list[float], methods: tuple[str, ...] = METH
     """One row per (variant, method, budget), plus each variant uncompressed; ratios are against the base model's
     uncompressed cache."""
     from kvtool.data import heldout_chunks
-    from kvtool.passkey import build_cases
+    from kvtool.passkey import build_cases, passkey_accuracy
+    from kvtool.probe import prefill_kv_bytes
 
     bad = [m for m in methods if m not in METHODS]
     if bad:

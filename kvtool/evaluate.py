@@ -181,21 +181,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 @torch.no_grad()
 def passkey(v: Variants, lengths, depths, variants: tuple[str, ...] = ("base", "shared")) -> dict[str, Any]:
-    from kvtool.passkey import answer_ok, build_cases
+    from kvtool.passkey import build_cases, passkey_accuracy
 
     cases = build_cases(v.tokenizer, lengths, depths)
     acc: dict[str, dict[str, float]] = {w: {} for w in variants}
     for which in variants:
         with v.use(which) as m:
             for length in lengths:
-                hits = 0
-                group = [c for c in cases if c.length == length]
-                for c in group:
-                    ids = c.input_ids.to(_dev(m))
-                    out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
-                                     pad_token_id=v.tokenizer.pad_token_id)
-                    hits += answer_ok(v.tokenizer.decode(out[0, ids.shape[1]:]), c.key)
-                acc[which][str(length)] = hits / len(group)
+                acc[which][str(length)] = passkey_accuracy(m, v.tokenizer, [c for c in cases if c.length == length])
     return {"depths": list(depths), "accuracy": acc}
 
 
@@ -396,12 +389,11 @@ def frontier(plans: list[str | Path], *, model: str | None = None, data: str | N
              settings: EvalSettings | None = None, plots: str | Path | None = None, json_out: str | Path | None = None,
              force: bool = False, dtype: str | None = None, device: str | None = None, log=None) -> dict[str, Any]:
     """Perplexity and measured KV bytes of several plans on one base model; draws the quality-vs-memory frontier."""
-    from transformers import DynamicCache
 
     from kvtool.atomic import check_writable_file, write_json_atomic
     from kvtool.data import heldout_chunks
     from kvtool.loading import load
-    from kvtool.probe import kv_bytes
+    from kvtool.probe import prefill_kv_bytes
     from kvtool.quality import perplexity
     from kvtool.runtime import sharing
 
@@ -416,9 +408,7 @@ def frontier(plans: list[str | Path], *, model: str | None = None, data: str | N
     def measure(plan: SharingPlan) -> tuple[float, int]:
         with sharing(base, plan):
             ppl, _ = perplexity(base, ids)
-            cache = DynamicCache(config=base.config)
-            base(probe_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return ppl, kv_bytes(cache)
+            return ppl, prefill_kv_bytes(base, probe_ids)
 
     base_ppl, base_kv = measure(SharingPlan.identity(base.config.num_hidden_layers))
     rows = []

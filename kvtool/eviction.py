@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kvtool.merge import first_real
+
 
 def _top_sorted(score: torch.Tensor, keep: int) -> torch.Tensor:
     return score.topk(keep, dim=1).indices.sort(dim=1).values
@@ -20,9 +22,7 @@ def streaming_keep(pad: torch.Tensor, keep: int, sinks: int = 4) -> torch.Tensor
     """[R, keep] indices: sinks first, then the most recent real tokens."""
     R, T = pad.shape
     pos = torch.arange(T, dtype=torch.float64).expand(R, T)
-    real = ~pad
-    sink = real & ((real.long().cumsum(1) - 1) < sinks)
-    score = torch.where(sink, torch.full_like(pos, 2.0 * T), pos).masked_fill(pad, -1.0)
+    score = torch.where(first_real(pad, sinks), torch.full_like(pos, 2.0 * T), pos).masked_fill(pad, -1.0)
     return _top_sorted(score, keep)
 
 

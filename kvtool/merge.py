@@ -34,20 +34,25 @@ class MergeResult:
     sizes: torch.Tensor | None = None  # [R, keep] tokens merged into each entry
 
 
+def first_real(pad: torch.Tensor, n: int) -> torch.Tensor:
+    """[R, T] the first ``n`` non-padding tokens of each row (attention sinks)."""
+    real = ~pad
+    return real & ((real.long().cumsum(1) - 1) < n)
+
+
 def protected_mask(acc: torch.Tensor, sinks: int, recent: int, heavy: int,
                    pad: torch.Tensor | None = None) -> torch.Tensor:
     """[R, T] tokens never merged: the first ``sinks`` real tokens, the last ``recent`` tokens, and the ``heavy``
     highest accumulated scores."""
     R, T = acc.shape
     pad = torch.zeros(R, T, dtype=torch.bool) if pad is None else pad
-    real = ~pad
-    prot = real & ((real.long().cumsum(1) - 1) < sinks)
+    prot = first_real(pad, sinks)
     if recent:
         prot[:, max(0, T - recent) :] = True
     if heavy:
         score = acc.float().masked_fill(pad, -float("inf"))
         prot.scatter_(1, score.topk(min(heavy, T), dim=1).indices, True)
-    return prot & real
+    return prot & ~pad
 
 
 def pair_scores(keys: torch.Tensor, protected: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,18 @@ def _fit(tokenizer, filler, needle, question, length, depth, rng) -> torch.Tenso
     return torch.tensor([ids])
 
 
+@torch.no_grad()
+def passkey_accuracy(model, tokenizer, cases: list[PasskeyCase]) -> float:
+    """Share of ``cases`` whose greedy answer (8 new tokens) starts with the right key."""
+    hits = 0
+    for c in cases:
+        ids = c.input_ids.to(next(model.parameters()).device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        hits += answer_ok(tokenizer.decode(out[0, ids.shape[1]:]), c.key)
+    return hits / len(cases)
+
+
 def answer_ok(text: str, key: str) -> bool:
     m = re.search(r"\d{5}", text)
     return m is not None and m.group(0) == key

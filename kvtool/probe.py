@@ -45,6 +45,16 @@ def kv_bytes(cache) -> int:
 
 
 @torch.no_grad()
+def prefill_kv_bytes(model, ids: torch.Tensor) -> int:
+    """KV bytes a fresh ``DynamicCache`` holds after one prefill of ``ids``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return kv_bytes(cache)
+
+
+@torch.no_grad()
 def measure(model, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
     from transformers import DynamicCache
 

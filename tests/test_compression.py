@@ -12,7 +12,7 @@ from kvtool.archs import layer_types
 from kvtool.compressed_cache import CompressedLayer
 from kvtool.compression import METHODS, CompressionSettings, compression, layer_keep
 from kvtool.errors import KvtoolError
-from kvtool.probe import kv_bytes
+from kvtool.probe import kv_bytes, prefill_kv_bytes
 from kvtool.runtime import sharing
 from kvtool.tiny import TINY_ARCHS, tiny_model
 from tests.test_runtime import _plan_for
@@ -166,7 +166,9 @@ def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
     assert m2.kvtool_compression.budget == 0.5
     c = DynamicCache(config=m2.config)
     m2(_ids(t=30), past_key_values=c)
-    assert c.layers[0].keys.shape[-2] == 15 and kv_bytes(c) < kv_bytes_full(m, plan)
+    with sharing(m, plan):
+        uncompressed = prefill_kv_bytes(m, _ids(t=30))
+    assert c.layers[0].keys.shape[-2] == 15 and kv_bytes(c) < uncompressed
     m3, _ = kvtool.load(tmp_path / "exp", merge=False)
     assert getattr(m3, "kvtool_compression", None) is None
     # a plan JSON with bad merge settings is refused on load
@@ -175,12 +177,6 @@ def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
     with pytest.raises(KvtoolError, match="unknown compression method"):
         type(plan).load(tmp_path / "bad.json")
 
-
-def kv_bytes_full(m, plan) -> int:
-    with sharing(m, plan):
-        c = DynamicCache(config=m.config)
-        m(_ids(t=30), past_key_values=c)
-    return kv_bytes(c)
 
 
 @torch.no_grad()
