@@ -27,8 +27,8 @@ from kvtool.plan import SharingPlan
 
 @dataclass
 class HealSettings:
-    steps: int = 300
-    lr: float = 5e-4
+    steps: int = 150
+    lr: float = 2e-3
     batch_size: int = 4
     samples: int = 64
     seq_len: int = 128
