@@ -222,8 +222,9 @@ def heal(
     samples: Annotated[int, typer.Option(min=1, help="training chunks of calibration data")] = 64,
     seq_len: Annotated[int, typer.Option(min=8)] = 128,
     hidden_mse: Annotated[float, typer.Option(help="weight of the final-hidden-state MSE term")] = 0.0,
-    train: Annotated[str, typer.Option(help="attention (consumers' q/o projections) or layers (consumer layers "
-                                            "whole, but their unused K/V)")] = "attention",
+    train: Annotated[str, typer.Option(help="attention (consumers' q/o projections), sources (also the K/V "
+                                            "projections of the layers they read) or layers (consumer layers whole, "
+                                            "but their unused K/V)")] = "attention",
     data: Annotated[str | None, typer.Option(help="training text (default: kvtool's calibration set)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: DtypeOpt = None,

@@ -1,12 +1,14 @@
 """``kvtool heal``: a brief distillation of the shared model toward its base, training only the consumer layers.
 
-Choice (documented): only consumer layers are trained, so every owner layer, and so every source's K/V, stays
-exactly as in the base model. ``train="attention"`` (default) trains the consumers' query and output projections (and
-q-norm where the model has one), the weights that see the borrowed K/V; ``train="layers"`` also trains the
-consumers' MLPs and norms. Loss: KL(base || shared) of next-token distributions over the teacher's top-k tokens (teacher
-log-probabilities are computed once, before training, so no second model is held), optionally plus the MSE of the
-final hidden states. Early stopping watches the KL on a validation split of the calibration chunks; the pydoc
-held-out perplexity is reported before and after but never used to decide anything.
+Choice (documented): by default only consumer layers are trained, so every owner layer, and so every source's K/V,
+stays exactly as in the base model. ``train="attention"`` (default) trains the consumers' query and output
+projections (and q-norm where the model has one), the weights that see the borrowed K/V; ``train="sources"`` also
+the K/V projections of the owner layers that consumers read (the whole qkv_proj where it is fused), so a source
+can serve its readers too; ``train="layers"`` trains the consumer layers whole (MLPs and norms too).
+Loss: KL(base || shared) of next-token distributions over the teacher's top-k tokens (teacher log-probabilities
+are computed once, before training, so no second model is held), optionally plus the MSE of the final hidden
+states. Early stopping watches the KL on a validation split of the calibration chunks; the pydoc held-out
+perplexity is reported before and after but never used to decide anything.
 """
 
 from __future__ import annotations
@@ -42,13 +44,17 @@ class HealSettings:
     train: str = "attention"
 
 
+TRAIN_TARGETS = ("attention", "sources", "layers")
+
+
 def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
     """The consumers' q_proj / o_proj / q_norm weights (the Q rows of a fused qkv_proj count as q_proj); with
-    ``train="layers"`` every other weight of the consumer layers too, except the K/V projections they never use."""
+    ``train="layers"`` every other weight of the consumer layers too, except the K/V projections they never use;
+    with ``train="sources"`` also the K/V projections (and k-norm) of the owner layers that consumers read."""
     from kvtool.archs import decoder_layers
 
-    if train not in ("attention", "layers"):
-        raise KvtoolError(f"unknown heal target {train!r}; use attention or layers")
+    if train not in TRAIN_TARGETS:
+        raise KvtoolError(f"unknown heal target {train!r}; use {', '.join(TRAIN_TARGETS)}")
     params: list[nn.Parameter] = []
     for j in plan.consumers:
         layer = decoder_layers(model)[j]
@@ -59,6 +65,14 @@ def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "atte
                 params += list(mod.parameters())
         if train == "layers":
             params += [p for n, p in layer.named_parameters() if not n.startswith("self_attn.")]
+    if train == "sources":
+        for i in plan.sources:
+            attn = decoder_layers(model)[i].self_attn
+            mods = ("qkv_proj",) if getattr(attn, "qkv_proj", None) is not None else ("k_proj", "v_proj", "k_norm")
+            for name in mods:
+                mod = getattr(attn, name, None)
+                if isinstance(mod, nn.Module):
+                    params += list(mod.parameters())
     return params
 
 

@@ -7,6 +7,7 @@ import torch
 
 import kvtool
 from kvtool.calibrate import calibrate
+from kvtool.errors import KvtoolError
 from kvtool.heal import HealSettings, heal, trainable_parameters
 from kvtool.local_scores import local_errors
 from kvtool.plan import SharingPlan
@@ -95,3 +96,26 @@ def test_heal_lowers_validation_loss_and_writes_a_loadable_dir(tmp_path, tok):
     export(None, model=h, tokenizer=htok, out=tmp_path / "re", dtype="bfloat16")
     r, _ = kvtool.load(tmp_path / "re")
     assert r.kvtool_sidecar["heal"] and r.kvtool_plan.kv_source_layers == plan.kv_source_layers
+
+
+def test_heal_sources_trains_the_read_kv_projections_and_loads(tmp_path, tok):
+    d = save_tiny(tmp_path / "base", "llama", num_hidden_layers=6)
+    m, t = kvtool.load(d)
+    plan = SharingPlan([0, 1, 1, 3, 3, 3])
+    names = {id(p): n for n, p in m.named_parameters()}
+    picked = {names[id(p)] for p in trainable_parameters(m, plan, "sources")}
+    assert {f"model.layers.{i}.self_attn.{w}_proj.weight" for i in (1, 3) for w in "kv"} <= picked
+    assert not any(n.startswith("model.layers.0.") for n in picked)
+    assert not any(f"layers.{j}.self_attn.{w}_proj" in n for j in (2, 4, 5) for w in "kv" for n in picked)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    res = heal(plan, out=tmp_path / "healed", model=m, tokenizer=t,
+               settings=HealSettings(steps=20, lr=3e-3, samples=16, seq_len=32, val_samples=4, eval_every=5,
+                                     patience=10, train="sources"))
+    assert res["trained"] == "sources" and res["val_kl_after"] < res["val_kl_before"]
+    assert not torch.equal(m.model.layers[1].self_attn.k_proj.weight, before["model.layers.1.self_attn.k_proj.weight"])
+    h, _ = kvtool.load(tmp_path / "healed")
+    ids = torch.randint(3, 128, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(h(ids).logits, m(ids).logits, atol=1e-5, rtol=0)
+    with pytest.raises(KvtoolError, match="unknown heal target"):
+        trainable_parameters(m, plan, "everything")
