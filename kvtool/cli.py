@@ -226,6 +226,7 @@ def heal(
                                             "projections of the layers they read) or layers (consumer layers whole, "
                                             "but their unused K/V)")] = "attention",
     data: Annotated[str | None, typer.Option(help="training text (default: kvtool's calibration set)")] = None,
+    generated: Annotated[int, typer.Option(min=0, help="extra training chunks sampled from the base model")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -238,7 +239,7 @@ def heal(
     from kvtool.heal import heal as run
 
     s = HealSettings(steps=steps, lr=lr, batch_size=batch_size, samples=samples, seq_len=seq_len,
-                     hidden_mse=hidden_mse, data=data, seed=seed, train=train)
+                     hidden_mse=hidden_mse, data=data, seed=seed, train=train, generated=generated)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=out) as bar:
         task = bar.add_task("healing", total=steps)

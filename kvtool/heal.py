@@ -8,7 +8,9 @@ can serve its readers too; ``train="layers"`` trains the consumer layers whole (
 Loss: KL(base || shared) of next-token distributions over the teacher's top-k tokens (teacher log-probabilities
 are computed once, before training, so no second model is held), optionally plus the MSE of the final hidden
 states. Early stopping watches the KL on a validation split of the calibration chunks; the pydoc held-out
-perplexity is reported before and after but never used to decide anything.
+perplexity is reported before and after but never used to decide anything. ``generated=N`` adds N training chunks
+sampled from the base model itself (continuations of calibration prompts), for more text than the calibration set
+holds; the validation split stays calibration text.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class HealSettings:
     lr: float = 2e-3
     batch_size: int = 4
     samples: int = 64
+    generated: int = 0
     seq_len: int = 128
     val_samples: int = 8
     top_k: int = 64
@@ -91,6 +94,27 @@ def teacher_targets(model: nn.Module, ids: torch.Tensor, top_k: int, batch_size:
     return torch.cat(tops), torch.cat(logps), torch.cat(hid)
 
 
+@torch.no_grad()
+def sample_chunks(model: nn.Module, tokenizer, prompts: torch.Tensor, n: int, seed: int, batch_size: int,
+                  prompt_len: int = 16) -> torch.Tensor:
+    """``n`` chunks as long as ``prompts``' rows, sampled from the (unshared) model after the first ``prompt_len``
+    tokens of a prompt row: more distillation text than the calibration set holds, from the base's own
+    distribution."""
+    dev = next(model.parameters()).device
+    seq_len = prompts.shape[1]
+    prompt_len = min(prompt_len, seq_len - 1)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    torch.manual_seed(seed + 1)
+    rows = []
+    for s in range(0, n, batch_size):
+        p = prompts[torch.arange(s, min(n, s + batch_size)) % prompts.shape[0], :prompt_len].to(dev)
+        new = seq_len - prompt_len
+        out = model.generate(input_ids=p, attention_mask=torch.ones_like(p), do_sample=True, temperature=1.0,
+                             top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+        rows.append(out[:, :seq_len].cpu())
+    return torch.cat(rows)
+
+
 def kl_loss(logits: torch.Tensor, top: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student) over the teacher's top-k tokens, the student renormalised over the same tokens."""
     student = torch.log_softmax(logits.float().gather(-1, top), -1)
@@ -135,6 +159,10 @@ def heal(
     t0 = time.time()
     chunks = load_chunks(s.data, tokenizer, s.samples + s.val_samples, s.seq_len, seed=s.seed + 17).input_ids
     train, val = chunks[: s.samples], chunks[s.samples :]
+    if s.generated:
+        say(f"sampling {s.generated} chunks of {s.seq_len} tokens from the base model")
+        train = torch.cat([train, sample_chunks(model, tokenizer, train, s.generated, s.seed, s.batch_size * 4)])
+        chunks = torch.cat([train, val])
     heldout = heldout_chunks(tokenizer).input_ids
     say(f"teacher outputs on {chunks.shape[0]} chunks of {s.seq_len} tokens")
     top, logp, hid = teacher_targets(model, chunks, s.top_k, s.batch_size)
@@ -153,7 +181,7 @@ def heal(
         model.eval()
         total = 0.0
         for k in range(0, val.shape[0], s.batch_size):
-            sl = slice(s.samples + k, s.samples + k + s.batch_size)
+            sl = slice(train.shape[0] + k, train.shape[0] + k + s.batch_size)
             logits = model(input_ids=val[k : k + s.batch_size].to(dev), use_cache=False).logits
             total += float(kl_loss(logits, top[sl].to(dev), logp[sl].to(dev))) * logits.shape[0]
         return total / val.shape[0]

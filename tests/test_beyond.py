@@ -8,7 +8,7 @@ import torch
 import kvtool
 from kvtool.calibrate import calibrate
 from kvtool.errors import KvtoolError
-from kvtool.heal import HealSettings, heal, trainable_parameters
+from kvtool.heal import HealSettings, heal, sample_chunks, trainable_parameters
 from kvtool.local_scores import local_errors
 from kvtool.plan import SharingPlan
 from kvtool.search import rank_pairs, search
@@ -119,3 +119,19 @@ def test_heal_sources_trains_the_read_kv_projections_and_loads(tmp_path, tok):
         torch.testing.assert_close(h(ids).logits, m(ids).logits, atol=1e-5, rtol=0)
     with pytest.raises(KvtoolError, match="unknown heal target"):
         trainable_parameters(m, plan, "everything")
+
+
+def test_heal_on_sampled_text_keeps_the_validation_split(tmp_path, tok):
+    d = save_tiny(tmp_path / "base", "llama", num_hidden_layers=4)
+    m, t = kvtool.load(d)
+    prompts = torch.randint(3, 128, (3, 24))
+    g = sample_chunks(m, t, prompts, 5, seed=0, batch_size=2, prompt_len=6)
+    assert g.shape == (5, 24)
+    assert torch.equal(g[:, :6], prompts[torch.arange(5) % 3, :6])  # each row continues a prompt row
+    plan = SharingPlan([0, 0, 2, 3])
+    kw = dict(steps=4, lr=3e-3, samples=8, seq_len=24, val_samples=4, eval_every=2, patience=10)
+    plain = heal(plan, out=tmp_path / "a", model=kvtool.load(d)[0], tokenizer=t, settings=HealSettings(**kw))
+    more = heal(plan, out=tmp_path / "b", model=kvtool.load(d)[0], tokenizer=t,
+                settings=HealSettings(**kw, generated=6))
+    assert more["val_kl_before"] == plain["val_kl_before"]  # same validation chunks, same starting point
+    assert kvtool.load(tmp_path / "b")[0].kvtool_sidecar["heal"]["settings"]["generated"] == 6
