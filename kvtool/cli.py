@@ -239,7 +239,7 @@ def heal(
     from kvtool.heal import heal as run
 
     s = HealSettings(steps=steps, lr=lr, batch_size=batch_size, samples=samples, seq_len=seq_len,
-                     hidden_mse=hidden_mse, data=data, seed=seed, train=train, generated=generated)
+                     hidden_mse=hidden_mse, data=data, seed=seed, train=train, generated=generated).validated()
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=out) as bar:
         task = bar.add_task("healing", total=steps)

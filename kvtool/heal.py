@@ -28,6 +28,8 @@ from torch import nn
 from kvtool.errors import KvtoolError
 from kvtool.plan import SharingPlan
 
+TRAIN_TARGETS = ("attention", "sources", "layers")
+
 
 @dataclass
 class HealSettings:
@@ -46,8 +48,14 @@ class HealSettings:
     data: str | None = None
     train: str = "attention"
 
-
-TRAIN_TARGETS = ("attention", "sources", "layers")
+    def validated(self) -> HealSettings:
+        """Self, after checking the settings that would otherwise fail only after the teacher pass."""
+        if self.train not in TRAIN_TARGETS:
+            raise KvtoolError(f"unknown heal target {self.train!r}; use {', '.join(TRAIN_TARGETS)}")
+        if min(self.steps, self.batch_size, self.samples, self.val_samples, self.eval_every) < 1 or self.generated < 0:
+            raise KvtoolError("heal settings: steps, batch size, samples and eval interval must be ≥ 1, "
+                              "generated ≥ 0")
+        return self
 
 
 def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
@@ -142,7 +150,7 @@ def heal(
     from kvtool.quality import perplexity
     from kvtool.runtime import apply_sharing
 
-    s = settings or HealSettings()
+    s = (settings or HealSettings()).validated()
     say = log or (lambda m: None)
     check_writable_dir(out, force)
     if not isinstance(plan, SharingPlan):
