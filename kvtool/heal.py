@@ -50,22 +50,25 @@ class HealSettings:
 
     def validated(self) -> HealSettings:
         """Self, after checking the settings that would otherwise fail only after the teacher pass."""
-        if self.train not in TRAIN_TARGETS:
-            raise KvtoolError(f"unknown heal target {self.train!r}; use {', '.join(TRAIN_TARGETS)}")
+        _check_train(self.train)
         if min(self.steps, self.batch_size, self.samples, self.val_samples, self.eval_every) < 1 or self.generated < 0:
             raise KvtoolError("heal settings: steps, batch size, samples and eval interval must be ≥ 1, "
                               "generated ≥ 0")
         return self
 
 
+def _check_train(train: str) -> None:
+    if train not in TRAIN_TARGETS:
+        raise KvtoolError(f"unknown heal target {train!r}; use {', '.join(TRAIN_TARGETS)}")
+
+
 def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
     """The consumers' q_proj / o_proj / q_norm weights (the Q rows of a fused qkv_proj count as q_proj); with
     ``train="layers"`` every other weight of the consumer layers too, except the K/V projections they never use;
     with ``train="sources"`` also the K/V projections (and k-norm) of the owner layers that consumers read."""
-    from kvtool.archs import decoder_layers
+    from kvtool.archs import arch_of, decoder_layers, kv_param_names
 
-    if train not in TRAIN_TARGETS:
-        raise KvtoolError(f"unknown heal target {train!r}; use {', '.join(TRAIN_TARGETS)}")
+    _check_train(train)
     params: list[nn.Parameter] = []
     for j in plan.consumers:
         layer = decoder_layers(model)[j]
@@ -77,13 +80,12 @@ def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "atte
         if train == "layers":
             params += [p for n, p in layer.named_parameters() if not n.startswith("self_attn.")]
     if train == "sources":
+        named = dict(model.named_parameters())
         for i in plan.sources:
-            attn = decoder_layers(model)[i].self_attn
-            mods = ("qkv_proj",) if getattr(attn, "qkv_proj", None) is not None else ("k_proj", "v_proj", "k_norm")
-            for name in mods:
-                mod = getattr(attn, name, None)
-                if isinstance(mod, nn.Module):
-                    params += list(mod.parameters())
+            if arch_of(model)["fused"]:  # K/V rows cannot be trained apart from the Q rows of one qkv_proj
+                params += list(decoder_layers(model)[i].self_attn.qkv_proj.parameters())
+            else:
+                params += [named[n] for n in kv_param_names(model, i)]
     return params
 
 

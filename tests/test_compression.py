@@ -178,7 +178,6 @@ def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
         type(plan).load(tmp_path / "bad.json")
 
 
-
 @torch.no_grad()
 def test_threshold_mode_uses_calibrated_thresholds_and_stays_dense():
     m = tiny_model("llama")
