@@ -5,12 +5,18 @@ only masking a compressed prompt needs is which of its entries are padding; merg
 leading and the same count in each head of a batch row (``pad_entries``), and ``attention_mask`` rebuilds the
 mask columns for the compressed entries from that. ``get_seq_length`` counts positions seen, not entries stored,
 so position ids, RoPE and the mask sizes transformers derives from it stay those of the uncompressed sequence.
+The layer carries everything its mask needs (``prompt_len``, ``pad_entries``, ``log_sizes``), so the sharing
+runtime's attention forward remaps the mask from it (``kvtool_attention_mask``) whether or not compression is still
+on. A forward that would not remap it (transformers' own, once kvtool's runtime is removed) is refused in
+``update`` with a clear error instead of failing on a mask of the wrong size.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import DynamicLayer
+
+from kvtool.errors import KvtoolError
 
 
 class CompressedLayer(DynamicLayer):
@@ -27,7 +33,12 @@ class CompressedLayer(DynamicLayer):
     def compressed(self) -> bool:
         return self.prompt_len is not None
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, kvtool_runtime: bool = False,
+               **kwargs):
+        if self.compressed and not kvtool_runtime:
+            raise KvtoolError("this KV cache holds a prompt compressed by kvtool, and the model no longer runs "
+                              "kvtool's attention: decode it inside `kvtool.compression(...)` or after "
+                              "`kvtool.apply_compression(model, ...)`")
         out = super().update(key_states, value_states, *args, **kwargs)
         self.seen += key_states.shape[-2]
         return out
@@ -46,7 +57,7 @@ class CompressedLayer(DynamicLayer):
     def prompt_entries(self) -> int:
         return self.keys.shape[-2] - (self.seen - self.prompt_len)
 
-    def attention_mask(self, mask: torch.Tensor | None, kv_len: int, q_heads: int, q_len: int,
+    def kvtool_attention_mask(self, mask: torch.Tensor | None, kv_len: int, q_heads: int, q_len: int,
                        dtype: torch.dtype) -> torch.Tensor | None:
         """The mask over ``kv_len`` attended entries, from the mask transformers built over positions
         ([B or 1, 1|H, q, positions]); unchanged when they are the uncompressed positions (a consumer's prefill).

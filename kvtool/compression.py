@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -130,6 +131,7 @@ class Compressor:
         self.settings = settings
         self.keep = keep
         self.last: dict[int, dict[str, Any]] = {}  # per layer: what the last compression did (for reports)
+        self.caches: weakref.WeakSet = weakref.WeakSet()  # caches this compressor compressed that are still alive
 
     def prepare(self, cache: Any, idx: int) -> None:
         """Before an owner's cache update: give a compressed layer a ``CompressedLayer`` slot."""
@@ -149,13 +151,6 @@ class Compressor:
         if layer.is_initialized and layer.get_seq_length() > 0:
             return  # a cache filled before compression was turned on: left as is
         layers[idx] = CompressedLayer()
-
-    def mask(self, cache: Any, src: int, mask: torch.Tensor | None, q: torch.Tensor, kv_len: int
-             ) -> torch.Tensor | None:
-        layers = getattr(cache, "layers", None)
-        if layers is None or src >= len(layers) or not isinstance(layers[src], CompressedLayer):
-            return mask
-        return layers[src].attention_mask(mask, kv_len, q.shape[1], q.shape[-2], q.dtype)
 
     def after(self, module: nn.Module, idx: int, q: torch.Tensor, mask: torch.Tensor | None, cache: Any) -> None:
         """After an owner's attention: compress its prompt if this forward was the prefill."""
@@ -194,6 +189,7 @@ class Compressor:
         pad_entries = pad.gather(1, pos).sum(1).view(B, Hkv)
         layer.compress(k2.view(B, Hkv, n2, D), v2.view(B, Hkv, n2, D), pad_entries[:, 0],
                        None if sizes is None else sizes.view(B, Hkv, n2))
+        self.caches.add(cache)
         real = None if thr is None else thr[(thr >= -1) & (thr <= 1)]  # pairs of real, unprotected tokens
         self.last[idx] = {"prompt": T, "kept": n2,
                           "threshold": float(real.mean()) if real is not None and real.numel() else None}
@@ -230,17 +226,19 @@ def remove_compression(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def compression(model: nn.Module, settings: CompressionSettings | None = None, **kw: Any) -> Iterator[nn.Module]:
-    """Compression for the duration of the block (the sharing state, if any, is kept; an identity one that was
-    added for it is removed)."""
+    """Compression for the duration of the block (the sharing state, if any, is kept). A cache compressed inside
+    the block stays decodable after it: the identity runtime added for the block (bit-identical to the original
+    forward) is removed on exit unless such a cache is still alive, in which case it stays until
+    ``kvtool.remove_sharing(model)``."""
     had_state = _state(model) is not None
     prev = getattr(model, "kvtool_compression", None)
     apply_compression(model, settings, **kw)
+    compressor = _state(model).compressor
     try:
         yield model
     finally:
         remove_compression(model)
-        if not had_state:
+        if not had_state and not len(compressor.caches):
             remove_sharing(model)
         elif prev is not None:
             apply_compression(model, prev)
-

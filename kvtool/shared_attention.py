@@ -11,17 +11,33 @@ without kvtool installed.
   stores nothing; its K/V projections are never called.
 The store is filled and emptied within one forward, so sharing holds with and without a cache.
 An optional ``compressor`` hook (set by ``kvtool.compression``; exports run without it) compresses an owner's
-prompt KV after its prefill attention and maps the attention mask onto the compressed entries.
+prompt KV after its prefill attention. A compressed cache layer carries its own entry map
+(``kvtool_attention_mask``), which maps the attention mask over positions onto its stored entries, so a compressed
+cache keeps decoding correctly after the compression hook is gone.
+The runtime checks transformers' internals when it installs (``check_internals``) and refuses a cache handed over
+under a keyword it does not know, so a renamed argument fails loudly instead of silently running without a cache.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from torch import nn
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# The transformers releases this file was tested on (kvtool's pyproject.toml declares the same range).
+TESTED_TRANSFORMERS = ">=5.23,<5.25"
+# How an attention module may be handed its cache: "past_key_values" (<= 5.23), "cache" (5.24 on).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+class SharingRuntimeError(RuntimeError):
+    """The installed transformers is not what this runtime expects: refuse rather than run unshared or garbage."""
 
 # model_type -> how its attention projects Q/K/V. "fused": one qkv_proj (Phi-3); "qk_norm": q_norm/k_norm modules,
 # applied before ("pre") or after ("post") the head transpose.
@@ -99,9 +115,61 @@ def _project_q(attn: nn.Module, h: torch.Tensor, fused: bool, qk_norm: str | Non
     return attn.q_norm(q) if qk_norm == "post" else q
 
 
+def _unsupported(what: str) -> SharingRuntimeError:
+    return SharingRuntimeError(f"kvtool's KV-sharing runtime cannot run on transformers {transformers.__version__}: "
+                               f"{what} (tested on transformers{TESTED_TRANSFORMERS})")
+
+
+def check_internals(model: nn.Module) -> None:
+    """Check, before patching anything, that the transformers internals this runtime hooks into are the ones it was
+    written against; raise ``SharingRuntimeError`` (one line) if not."""
+    params = list(inspect.signature(Cache.update).parameters)
+    if params[:4] != ["self", "key_states", "value_states", "layer_idx"]:
+        raise _unsupported(f"Cache.update takes ({', '.join(params[1:])}), not (key_states, value_states, "
+                           "layer_idx, ...)")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise _unsupported(f"{type(model).__name__} has no .model.layers")
+    checked: set[type] = set()
+    for layer in layers:
+        for cls in (type(layer), type(layer.self_attn)):
+            if cls in checked:
+                continue
+            checked.add(cls)
+            sig = inspect.signature(cls.forward)  # follows the __wrapped__ of transformers' keyword shims
+            if not any(name in sig.parameters for name in CACHE_KEYWORDS):
+                raise _unsupported(f"{cls.__name__}.forward takes no cache argument kvtool knows "
+                                   f"({' or '.join(CACHE_KEYWORDS)}); it takes ({', '.join(list(sig.parameters)[1:])})")
+        attn = layer.self_attn
+        mod = sys.modules[type(attn).__module__]
+        for fn in ("apply_rotary_pos_emb", "eager_attention_forward"):
+            if not callable(getattr(mod, fn, None)):
+                raise _unsupported(f"{mod.__name__} defines no {fn}")
+        for name in ("layer_idx", "scaling", "head_dim", "o_proj"):
+            if not hasattr(attn, name):
+                raise _unsupported(f"{type(attn).__name__} has no attribute {name!r}")
+        if not (hasattr(attn, "q_proj") or hasattr(attn, "qkv_proj")):
+            raise _unsupported(f"{type(attn).__name__} has neither q_proj nor qkv_proj")
+
+
+def _cache_layer(cache, idx: int):
+    layers = getattr(cache, "layers", None)
+    return layers[idx] if layers is not None and idx < len(layers) else None
+
+
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                      **kwargs):
-    """Replacement ``forward`` of an attention module under a sharing map (see the module docstring)."""
+                      cache=None, **kwargs):
+    """Replacement ``forward`` of an attention module under a sharing map (see the module docstring). The cache
+    arrives as ``cache`` (transformers >= 5.24) or ``past_key_values`` (earlier); neither is passed on to the kernel,
+    and a cache under any other keyword is refused rather than ignored."""
+    if cache is None:
+        cache = past_key_values
+    elif past_key_values is not None and past_key_values is not cache:
+        raise SharingRuntimeError(f"layer {self.layer_idx} was given two different caches (cache and past_key_values)")
+    for key, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise _unsupported(f"layer {self.layer_idx}'s attention was handed its cache as {key!r}, a keyword this "
+                               "runtime does not know")
     st: SharingState = self._kvtool_state
     idx = self.layer_idx
     src = st.kv_source_layers[idx]
@@ -110,10 +178,12 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if src == idx:
         q, k, v = _project_qkv(self, hidden_states, fused, qk_norm)
         q, k = self._kvtool_rope(q, k, cos, sin)
-        if past_key_values is not None:
+        if cache is not None:
             if st.compressor is not None:
-                st.compressor.prepare(past_key_values, idx)
-            k, v = past_key_values.update(k, v, idx)
+                st.compressor.prepare(cache, idx)
+            # a kvtool compressed layer refuses updates from forwards that would not remap its mask
+            marker = {"kvtool_runtime": True} if hasattr(_cache_layer(cache, idx), "kvtool_attention_mask") else {}
+            k, v = cache.update(k, v, idx, **marker)
         if idx in st.last_reader:
             st.store[idx] = (k, v)
     else:
@@ -126,8 +196,9 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
     if st.observer is not None:
         st.observer(idx, q, k, v)
     mask = attention_mask
-    if st.compressor is not None and past_key_values is not None:
-        mask = st.compressor.mask(past_key_values, src, attention_mask, q, k.shape[-2])
+    remap = getattr(_cache_layer(cache, src), "kvtool_attention_mask", None) if cache is not None else None
+    if remap is not None:  # a compressed prompt: the mask over positions becomes one over its stored entries
+        mask = remap(attention_mask, k.shape[-2], q.shape[1], q.shape[-2], q.dtype)
 
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._kvtool_eager)
     extra = {"sliding_window": self.sliding_window if hasattr(self, "sliding_window")
@@ -136,14 +207,16 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         extra["softcap"] = self.attn_logit_softcapping
     out, weights = interface(self, q, k, v, mask, dropout=0.0 if not self.training else self.attention_dropout,
                              scaling=self.scaling, **extra, **kwargs)
-    if st.compressor is not None and past_key_values is not None and src == idx:
-        st.compressor.after(self, idx, q, attention_mask, past_key_values)
+    if st.compressor is not None and cache is not None and src == idx:
+        st.compressor.after(self, idx, q, attention_mask, cache)
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return self.o_proj(out), weights
 
 
 def install(model: nn.Module, kv_source_layers: list[int]) -> SharingState:
-    """Patch every attention layer of ``model`` (a *ForCausalLM with .model.layers) to follow the map."""
+    """Patch every attention layer of ``model`` (a *ForCausalLM with .model.layers) to follow the map, after checking
+    that transformers' internals are the ones this runtime expects."""
+    check_internals(model)
     cfg = model.config
     arch = ARCHS[cfg.model_type.removeprefix("kvtool_")]
     last_reader = {s: j for j, s in enumerate(kv_source_layers) if s != j}
@@ -204,7 +277,8 @@ def drop_kv_modules(model: nn.Module, kv_source_layers: list[int]) -> None:
 
 def make_classes(config_cls: type, model_cls: type, module: str | None = None) -> tuple[type, type]:
     """A config class (model_type ``kvtool_<base>``) and a *ForCausalLM class that builds the base architecture
-    with sharing installed and the consumers' K/V weights removed, so checkpoints load strictly."""
+    with sharing installed and the consumers' K/V weights removed; ``from_pretrained`` refuses a checkpoint whose
+    tensors do not match the map (a missing or unexpected weight is an error, never a random initialisation)."""
     base_type = config_cls.model_type
     cfg = type("KvtoolConfig", (config_cls,), {"model_type": f"kvtool_{base_type}"})
 
@@ -213,7 +287,18 @@ def make_classes(config_cls: type, model_cls: type, module: str | None = None) -
         install(self, config.kv_source_layers)
         drop_kv_modules(self, config.kv_source_layers)
 
-    mdl = type("KvtoolForCausalLM", (model_cls,), {"config_class": cfg, "__init__": __init__})
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super(mdl, cls).from_pretrained(*args, output_loading_info=True, **kwargs)
+        bad = {k: sorted(map(str, v)) for k, v in info.items()
+               if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            desc = "; ".join(f"{k.replace('_', ' ')}: {', '.join(v[:4])}" for k, v in bad.items())
+            raise SharingRuntimeError(f"the weights do not match the sharing map in config.json ({desc})")
+        return (model, info) if want_info else model
+
+    mdl = type("KvtoolForCausalLM", (model_cls,), {"config_class": cfg, "__init__": __init__,
+                                                    "from_pretrained": classmethod(from_pretrained)})
     if module is not None:
         cfg.__module__ = mdl.__module__ = module
     return cfg, mdl

@@ -204,7 +204,7 @@ def test_size_bias_makes_a_merged_run_of_equal_tokens_exact():
     layer.update(k, v)
     keep = [0, 1, 2, 5]
     layer.compress(k[:, :, keep], v[:, :, keep], torch.tensor([0]), torch.tensor([[[1, 1, 3, 1]]]))
-    mask = layer.attention_mask(None, 4, q_heads=2, q_len=1, dtype=torch.float32)
+    mask = layer.kvtool_attention_mask(None, 4, q_heads=2, q_len=1, dtype=torch.float32)
     merged = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, keep].expand(1, 2, 4, 8),
                                                               v[:, :, keep].expand(1, 2, 4, 8), attn_mask=mask)
     torch.testing.assert_close(merged, full)
