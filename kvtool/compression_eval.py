@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from kvtool.compat import cache_kwargs
 from kvtool.compression import METHODS, CompressionSettings, compression
 from kvtool.errors import KvtoolError
 
@@ -24,8 +25,8 @@ def long_context_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int
     dev = next(model.parameters()).device
     ids = ids.to(dev)
     cache = DynamicCache(config=model.config)
-    first = model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]
-    rest = model(ids[:, context:-1], past_key_values=cache, use_cache=True).logits
+    first = model(ids[:, :context], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:]
+    rest = model(ids[:, context:-1], use_cache=True, **cache_kwargs(model, cache)).logits
     logits = torch.cat([first, rest], dim=1).float()
     target = ids[:, context:]
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
@@ -41,8 +42,8 @@ def compare_compression(v, budgets: list[float], methods: tuple[str, ...] = METH
     """One row per (variant, method, budget), plus each variant uncompressed; ratios are against the base model's
     uncompressed cache."""
     from kvtool.data import heldout_chunks
+    from kvtool.kv_check import prefill_kv_bytes
     from kvtool.passkey import build_cases, passkey_accuracy
-    from kvtool.probe import prefill_kv_bytes
 
     bad = [m for m in methods if m not in METHODS]
     if bad:

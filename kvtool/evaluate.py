@@ -94,10 +94,14 @@ def load_variants(export_dir: str | Path | None, plan: SharingPlan | str | Path 
     if plan.model_fingerprint and model_fingerprint(base) != plan.model_fingerprint:
         raise KvtoolError("the plan was made for another model (fingerprint mismatch); pass the --model it was "
                           "searched on")
+    from kvtool.kv_check import check_kv_in_effect
     from kvtool.runtime import apply_sharing, remove_sharing
 
     apply_sharing(base, plan)  # validates the plan for this model
-    remove_sharing(base)
+    try:
+        check_kv_in_effect(base)
+    finally:
+        remove_sharing(base)
     tmp = tempfile.mkdtemp(prefix="kvtool-eval-", dir=tmpdir)
     atexit.register(shutil.rmtree, tmp, True)
     plan_file = Path(tmp) / "plan.json"
@@ -209,7 +213,40 @@ def memory_speed(v: Variants, s: EvalSettings) -> dict[str, list[dict]]:
     for r in range(s.speed_repeats):
         for which in ("base", "shared") if r % 2 == 0 else ("shared", "base"):
             runs[which].append(probe(base_args if which == "base" else v.shared_args, s))
+    for which, rs in runs.items():
+        want = implied_kv_bytes(v, s, which)
+        for run in rs:
+            got = (run["kv_bytes_prefill"], run["kv_bytes"])
+            if want is not None and got != want:
+                raise KvtoolError(f"the {which} model's memory probe measured {got[0]:,} / {got[1]:,} KV bytes after "
+                                  f"prefill / decode, but its plan implies {want[0]:,} / {want[1]:,}: refusing to "
+                                  "report a KV figure the plan cannot produce")
     return runs
+
+
+def implied_kv_bytes(v: Variants, s: EvalSettings, which: str) -> tuple[int, int] | None:
+    """KV bytes after the probe's prefill and after its decode, as the plan (and its merge setting, which the probe's
+    ``kvtool.load`` turns on) implies them for ``which`` variant."""
+    from kvtool.archs import layer_types
+    from kvtool.cache_size import stored_entries
+    from kvtool.compression import CompressionSettings, layer_keep
+    from kvtool.kv_check import entry_bytes
+
+    cfg = v.base.config
+    types = layer_types(cfg)
+    src = list(range(cfg.num_hidden_layers)) if which == "base" else v.plan.kv_source_layers
+    keep, thr = None, False
+    if which == "shared" and v.plan.merge:
+        cs = CompressionSettings.from_dict(v.plan.merge)
+        keep, thr = layer_keep(cs, src, types), cs.budget is None
+    per = entry_bytes(v.base, s.speed_batch)
+    out = []
+    for new in (0, s.speed_new):
+        entries = stored_entries(src, types, getattr(cfg, "sliding_window", None), s.speed_prompt, new, keep, thr)
+        if None in entries:  # KVMerger by threshold alone is data-dependent: the probe's own layer check stands
+            return None
+        out.append(sum(entries) * per)
+    return out[0], out[1]
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -392,8 +429,8 @@ def frontier(plans: list[str | Path], *, model: str | None = None, data: str | N
 
     from kvtool.atomic import check_writable_file, write_json_atomic
     from kvtool.data import heldout_chunks
+    from kvtool.kv_check import prefill_kv_bytes
     from kvtool.loading import load
-    from kvtool.probe import prefill_kv_bytes
     from kvtool.quality import perplexity
     from kvtool.runtime import sharing
 

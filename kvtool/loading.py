@@ -142,6 +142,7 @@ def load(
     device: str | None = None,
     attn_implementation: str | None = None,
     merge: Any = None,
+    check: bool = True,
 ):
     """Load ``(model, tokenizer)``.
 
@@ -149,6 +150,8 @@ def load(
     directory written by ``kvtool export`` (loaded with sharing on, no remote code). ``plan``: a ``SharingPlan`` or
     a path to a plan JSON, applied on the fly. ``merge``: prompt KV compression (a ``CompressionSettings`` or its
     dict); by default the plan's or export's merge settings when it has them; ``False`` turns them off.
+    With sharing or compression on, ``check`` runs a short prefill and refuses a model whose cache does not hold
+    exactly the KV bytes the plan implies (see ``kvtool.kv_check``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -207,6 +210,10 @@ def load(
         from kvtool.compression import CompressionSettings, apply_compression
 
         apply_compression(m, merge if isinstance(merge, CompressionSettings) else CompressionSettings.from_dict(merge))
+    if check and getattr(m, "_kvtool_state", None) is not None:
+        from kvtool.kv_check import check_kv_in_effect
+
+        check_kv_in_effect(m)
     return m, tok
 
 

@@ -13,6 +13,9 @@ import time
 
 import torch
 
+from kvtool.compat import cache_kwargs
+from kvtool.kv_check import check_layer_bytes, kv_bytes, layer_bytes
+
 
 def _status_kib(field: str) -> float | None:
     try:
@@ -34,26 +37,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def kv_bytes(cache) -> int:
-    """Bytes held by the key/value tensors of a cache (DummyLayer slots hold none)."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
-
-
-@torch.no_grad()
-def prefill_kv_bytes(model, ids: torch.Tensor) -> int:
-    """KV bytes a fresh ``DynamicCache`` holds after one prefill of ``ids``."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    model(ids.to(next(model.parameters()).device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return kv_bytes(cache)
-
-
 @torch.no_grad()
 def measure(model, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
     from transformers import DynamicCache
@@ -63,7 +46,7 @@ def measure(model, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
     ids = torch.randint(min(100, vocab - 1), vocab, (batch, prompt), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model(ids[:, : min(32, prompt)], past_key_values=DynamicCache(config=model.config), logits_to_keep=1)  # warm-up
+    model(ids[:, : min(32, prompt)], logits_to_keep=1, **cache_kwargs(model, DynamicCache(config=model.config)))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     import gc
@@ -74,16 +57,18 @@ def measure(model, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
     cache = DynamicCache(config=model.config)
     sync()
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids, use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
     sync()
     prefill = time.perf_counter() - t0
+    check_layer_bytes(model, layer_bytes(cache), prompt, batch=batch)
     after_prefill = kv_bytes(cache)
     nxt = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new):
-        nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        nxt = model(nxt, use_cache=True, **cache_kwargs(model, cache)).logits[:, -1:].argmax(-1)
     sync()
     decode = time.perf_counter() - t0
+    check_layer_bytes(model, layer_bytes(cache), prompt, new, batch=batch)
     res = {"kv_bytes_prefill": after_prefill, "kv_bytes": kv_bytes(cache), "prefill_s": prefill,
            "prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * new / max(decode, 1e-9),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

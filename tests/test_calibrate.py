@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from kvtool.calibrate import CalibrationStats, calibrate, layer_distances, sim_fraction_above
+from kvtool.compat import cache_kwargs
 from kvtool.errors import KvtoolError
 from kvtool.tiny import TINY_ARCHS, tiny_model, tiny_tokenizer
 
@@ -39,7 +40,7 @@ def test_averages_match_the_cache_of_plain_forwards(tok):
     stats = calibrate(m, tokenizer=tok, samples=4, seq_len=12, batch_size=3)
     ids = stats.input_ids
     cache = DynamicCache(config=m.config)
-    m(ids, past_key_values=cache, use_cache=True)
+    m(ids, **cache_kwargs(m, cache), use_cache=True)
     for layer in (0, 3, 5):
         torch.testing.assert_close(stats.tensors["k_mean"][layer], cache.layers[layer].keys.mean(0), atol=1e-5,
                                    rtol=1e-5)

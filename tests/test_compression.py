@@ -9,10 +9,11 @@ import torch
 from transformers import DynamicCache
 
 from kvtool.archs import layer_types
+from kvtool.compat import cache_kwargs
 from kvtool.compressed_cache import CompressedLayer
 from kvtool.compression import METHODS, CompressionSettings, compression, layer_keep
 from kvtool.errors import KvtoolError
-from kvtool.probe import kv_bytes, prefill_kv_bytes
+from kvtool.kv_check import kv_bytes, prefill_kv_bytes
 from kvtool.runtime import sharing
 from kvtool.tiny import TINY_ARCHS, tiny_model
 from tests.test_runtime import _plan_for
@@ -29,12 +30,12 @@ def test_budget_one_is_bit_identical():
     m = tiny_model("llama")
     ids = _ids()
     c0 = DynamicCache(config=m.config)
-    base = m(ids, past_key_values=c0).logits
+    base = m(ids, **cache_kwargs(m, c0)).logits
     g0 = m.generate(ids, max_new_tokens=6, do_sample=False)
     for method in METHODS:
         with compression(m, method=method, budget=1.0, **ALL_LAYERS):
             c1 = DynamicCache(config=m.config)
-            assert torch.equal(m(ids, past_key_values=c1).logits, base)
+            assert torch.equal(m(ids, **cache_kwargs(m, c1)).logits, base)
             assert kv_bytes(c1) == kv_bytes(c0)
             assert torch.equal(m.generate(ids, max_new_tokens=6, do_sample=False), g0)
     assert not hasattr(m, "_kvtool_state")  # the context removed what it added
@@ -47,12 +48,12 @@ def test_budget_is_met_exactly_per_layer_and_head(method):
     T = 40
     with compression(m, method=method, budget=0.5, **ALL_LAYERS):
         c = DynamicCache(config=m.config)
-        m(_ids(t=T), past_key_values=c)
+        m(_ids(t=T), **cache_kwargs(m, c))
         for layer in c.layers:
             assert isinstance(layer, CompressedLayer) and layer.keys.shape[-2] == T // 2
         full = 2 * 6 * 2 * T * 16 * 2 * 4  # batch, layers, kv heads, tokens, head dim, K and V, fp32
         assert kv_bytes(c) == full // 2
-        m(_ids(t=1), past_key_values=c)  # decoding appends one entry per layer
+        m(_ids(t=1), **cache_kwargs(m, c))  # decoding appends one entry per layer
         assert all(layer.keys.shape[-2] == T // 2 + 1 for layer in c.layers) and c.get_seq_length() == T + 1
 
 
@@ -85,7 +86,7 @@ def test_generate_with_sharing_and_compression(arch, method):
             out = m.generate(ids, attention_mask=mask, max_new_tokens=5, **kw)
             assert out.shape == (2, 35)
         c = DynamicCache(config=m.config)
-        m(ids, attention_mask=mask, past_key_values=c)
+        m(ids, attention_mask=mask, **cache_kwargs(m, c))
         owners = [i for i, s in enumerate(plan.kv_source_layers) if s == i]
         assert all(c.layers[j].keys is None or c.layers[j].keys.numel() == 0
                    for j in plan.consumers)
@@ -110,10 +111,10 @@ def test_padding_content_never_leaks_into_the_real_row(method):
     with compression(m, method=method, budget=0.4, **ALL_LAYERS):
         for x in (ids, other):
             c = DynamicCache(config=m.config)
-            m(x, attention_mask=mask, past_key_values=c)
+            m(x, attention_mask=mask, **cache_kwargs(m, c))
             step = torch.tensor([[5], [6]])
             am = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            outs.append(m(step, attention_mask=am, past_key_values=c).logits)
+            outs.append(m(step, attention_mask=am, **cache_kwargs(m, c)).logits)
             # merging keeps the padding as one masked entry; eviction drops it while real tokens fill the budget
             assert c.layers[2].pad_entries.tolist() == ([1, 0] if method == "kvmerger" else [0, 0])
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
@@ -128,11 +129,11 @@ def test_continuation_in_one_chunk_equals_token_by_token(method):
     cont = _ids(t=6, seed=3)
     with compression(m, method=method, budget=0.5, **ALL_LAYERS):
         c1 = DynamicCache(config=m.config)
-        m(ids, past_key_values=c1)
-        chunk = m(cont, past_key_values=c1).logits
+        m(ids, **cache_kwargs(m, c1))
+        chunk = m(cont, **cache_kwargs(m, c1)).logits
         c2 = DynamicCache(config=m.config)
-        m(ids, past_key_values=c2)
-        steps = torch.cat([m(cont[:, t : t + 1], past_key_values=c2).logits for t in range(cont.shape[1])], 1)
+        m(ids, **cache_kwargs(m, c2))
+        steps = torch.cat([m(cont[:, t : t + 1], **cache_kwargs(m, c2)).logits for t in range(cont.shape[1])], 1)
     torch.testing.assert_close(chunk, steps, rtol=1e-4, atol=1e-4)
 
 
@@ -165,7 +166,7 @@ def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
     m2, _ = kvtool.load(tmp_path / "exp")
     assert m2.kvtool_compression.budget == 0.5
     c = DynamicCache(config=m2.config)
-    m2(_ids(t=30), past_key_values=c)
+    m2(_ids(t=30), **cache_kwargs(m2, c))
     with sharing(m, plan):
         uncompressed = prefill_kv_bytes(m, _ids(t=30))
     assert c.layers[0].keys.shape[-2] == 15 and kv_bytes(c) < uncompressed
@@ -188,7 +189,7 @@ def test_threshold_mode_uses_calibrated_thresholds_and_stays_dense():
     for st in (lo, hi):
         with compression(m, st):
             c = DynamicCache(config=m.config)
-            m(_ids(t=T), past_key_values=c)
+            m(_ids(t=T), **cache_kwargs(m, c))
             kept.append([layer.keys.shape[-2] for layer in c.layers])
     assert all(a < b <= T for a, b in zip(kept[0], kept[1], strict=True))  # a lower threshold merges more
 

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvtool.archs import layer_types
+from kvtool.compat import cache_kwargs
 from kvtool.errors import KvtoolError
 from kvtool.plan import SharingPlan
 from kvtool.runtime import apply_sharing, remove_sharing, sharing
@@ -57,7 +58,7 @@ def test_cached_token_by_token_equals_one_forward_without_cache(arch):
     with sharing(m, plan):
         full = m(ids, use_cache=False).logits
         cache = DynamicCache(config=m.config)
-        steps = [m(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        steps = [m(ids[:, t : t + 1], **cache_kwargs(m, cache), use_cache=True).logits for t in range(ids.shape[1])]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
         # and the plan really changes the model
         base_diff = (full - _unshared_logits(m, ids)).abs().max()

@@ -1,0 +1,42 @@
+"""The KV-cache size a sharing map (and a prompt-compression setting) implies, counted in stored entries per layer.
+
+Pure arithmetic, no torch: every KV figure kvtool reports is checked against it. A layer stores one entry per token
+it has seen, except that a consumer stores nothing, a sliding-window layer keeps at most ``window - 1`` entries
+(transformers' ``DynamicSlidingWindowLayer``), and a compressed owner keeps ``max(1, floor(keep × T))`` entries of a
+``T``-token prompt (when that is fewer than ``T``) plus one per decoded token.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def stored_entries(kv_source_layers: list[int], layer_types: list[str] | None, sliding_window: int | None,
+                   prompt: int, new: int = 0, keep: list[float | None] | None = None,
+                   threshold_mode: bool = False) -> list[int | None]:
+    """Entries each layer holds after a ``prompt``-token prefill and ``new`` one-token decode steps. ``keep``: per
+    layer, the kept share of a compressed owner's prompt (None: not compressed). In ``threshold_mode`` a compressed
+    layer's count depends on the data and is None."""
+    L = len(kv_source_layers)
+    types = layer_types or ["full_attention"] * L
+    out: list[int | None] = []
+    for i, s in enumerate(kv_source_layers):
+        if s != i:
+            out.append(0)
+        elif types[i] == "sliding_attention" and sliding_window:
+            out.append(min(prompt + new, sliding_window - 1))
+        elif keep is None or keep[i] is None or prompt < 2:
+            out.append(prompt + new)
+        elif threshold_mode:
+            out.append(None)
+        else:
+            n = max(1, math.floor(keep[i] * prompt))
+            out.append((n if n < prompt else prompt) + new)
+    return out
+
+
+def entry_ratio(entries: list[int | None], base: list[int | None]) -> float | None:
+    """Share of the base's entries (None when a count is data-dependent)."""
+    if any(e is None for e in entries) or any(b is None for b in base):
+        return None
+    return sum(entries) / sum(base)
