@@ -354,6 +354,24 @@ def eval_(
         out.print(f"plot ({name}): {path}")
 
 
+@app.command()
+def doctor() -> None:
+    """Print the versions in use and self-test the sharing runtime on tiny models of every supported architecture
+    (a few seconds); exit 0 only if every check passes."""
+    from kvtool.doctor import doctor as run
+    from kvtool.doctor import environment
+
+    for k, v in environment().items():
+        out.print(f"{k:>26}  {v}", highlight=False)
+    checks = run(log=lambda c: out.print(f"  {'[green]ok[/]  ' if c.ok else '[bold red]FAIL[/]'} {c.arch:<12} "
+                                         f"{c.name:<20} {c.detail}", highlight=False, soft_wrap=True))
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        c = failed[0]
+        _fail(f"{len(failed)} of {len(checks)} self-checks failed; first: {c.arch} {c.name}: {c.detail}", code=1)
+    out.print(f"all {len(checks)} self-checks passed")
+
+
 def report_table(rep: dict):
     """The base | shared | ratio table of an eval report."""
     from rich.table import Table

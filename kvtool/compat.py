@@ -16,3 +16,8 @@ def _cache_keyword(cls: type) -> str:
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
     """``{keyword: cache}`` for ``model(...)``: ``cache`` on transformers >= 5.24, ``past_key_values`` before."""
     return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(outputs: Any) -> Any:
+    """The cache a model or ``generate`` output carries (``.cache`` on >= 5.24, ``.past_key_values`` before)."""
+    return outputs["cache"] if "cache" in outputs else outputs["past_key_values"]

@@ -224,13 +224,20 @@ def remove_compression(model: nn.Module) -> nn.Module:
     return model
 
 
+# model -> (the identity sharing state a ``compression`` block added, the compressors whose caches are still alive)
+_LINGERING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def compression(model: nn.Module, settings: CompressionSettings | None = None, **kw: Any) -> Iterator[nn.Module]:
     """Compression for the duration of the block (the sharing state, if any, is kept). A cache compressed inside
     the block stays decodable after it: the identity runtime added for the block (bit-identical to the original
-    forward) is removed on exit unless such a cache is still alive, in which case it stays until
-    ``kvtool.remove_sharing(model)``."""
-    had_state = _state(model) is not None
+    forward) is removed on exit unless such a cache is still alive, in which case it stays until a later block ends
+    with none alive, or ``kvtool.remove_sharing(model)``."""
+    state, lingering = _LINGERING.pop(model, (None, []))
+    if state is not _state(model):
+        lingering = []
+    had_state = _state(model) is not None and not lingering
     prev = getattr(model, "kvtool_compression", None)
     apply_compression(model, settings, **kw)
     compressor = _state(model).compressor
@@ -238,7 +245,11 @@ def compression(model: nn.Module, settings: CompressionSettings | None = None, *
         yield model
     finally:
         remove_compression(model)
-        if not had_state and not len(compressor.caches):
-            remove_sharing(model)
+        if not had_state:
+            alive = [c for c in (*lingering, compressor) if len(c.caches)]
+            if alive:
+                _LINGERING[model] = (_state(model), alive)
+            else:
+                remove_sharing(model)
         elif prev is not None:
             apply_compression(model, prev)

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from kvtool.archs import arch_of, decoder_layers, layer_types
+from kvtool.errors import KvtoolError
 from kvtool.plan import SharingPlan
-from kvtool.shared_attention import SharingState, drop_kv_modules, install, rope_q, uninstall
+from kvtool.shared_attention import SharingRuntimeError, SharingState, drop_kv_modules, install, rope_q, uninstall
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 __all__ = ["active_plan", "apply_sharing", "observe", "remove_sharing", "rope_q", "sharing"]
@@ -27,7 +28,10 @@ def _install(model: nn.Module, plan: SharingPlan) -> SharingState:
     arch_of(model)
     decoder_layers(model)
     plan.validate(model.config.num_hidden_layers, layer_types(model.config))
-    st = install(model, plan.kv_source_layers)
+    try:
+        st = install(model, plan.kv_source_layers)
+    except SharingRuntimeError as e:
+        raise KvtoolError(str(e)) from None
     model.kvtool_plan = plan
     return st
 

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import platform
+from importlib import metadata
 
 
 def versions() -> dict[str, str]:
-    import safetensors
     import torch
     import transformers
 
     from kvtool import __version__
 
-    return {"kvtool": __version__, "transformers": transformers.__version__, "torch": torch.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+    out = {"kvtool": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    for dist in ("tokenizers", "safetensors", "accelerate", "numpy", "gguf"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "not installed"
+    out["python"] = platform.python_version()
+    return out

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvtool.archs import layer_types
-from kvtool.compat import cache_kwargs
+from kvtool.compat import cache_kwargs, output_cache
 from kvtool.errors import KvtoolError
 from kvtool.plan import SharingPlan
 from kvtool.runtime import apply_sharing, remove_sharing, sharing
@@ -107,9 +107,9 @@ def test_cache_bytes_equal_the_owners_share(arch):
     m = tiny_model(arch, max_position_embeddings=512)
     plan = _plan_for(m)
     ids = _ids(t=6)  # shorter than the sliding window so every layer holds the same number of tokens
-    base = m.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True).past_key_values
+    base = output_cache(m.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True))
     with sharing(m, plan):
-        shared = m.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True).past_key_values
+        shared = output_cache(m.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True))
     L = m.config.num_hidden_layers
     assert _kv_bytes(shared) * L == _kv_bytes(base) * (L - len(plan.consumers))
     assert [type(x).__name__ == "DummyLayer" for x in shared.layers] == [j in plan.consumers for j in range(L)]
