@@ -19,8 +19,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     import kvtool
-    from kvtool.calibrate import collect_stats
-    from kvtool.data import load_chunks
+    from kvtool.calibration.calibrate import collect_stats
+    from kvtool.data.texts import load_chunks
 
     model, tok = kvtool.load()
     ids = load_chunks(None, tok, a.samples, a.seq_len).input_ids

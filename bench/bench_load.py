@@ -18,10 +18,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import kvtool
-    from kvtool.archs import layer_types
-    from kvtool.export import export
-    from kvtool.layouts import layout_plan
-    from kvtool.loading import resolve_model
+    from kvtool.crosslayer.archs import layer_types
+    from kvtool.io.export import export
+    from kvtool.io.loading import resolve_model
+    from kvtool.search.layouts import layout_plan
 
     base_dir, _ = resolve_model(None)
     model, tok = kvtool.load()

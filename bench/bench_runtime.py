@@ -19,9 +19,9 @@ def worker(variant: str, batch: int, prompt: int, new: int, plan_path: str | Non
     import torch
 
     import kvtool
-    from kvtool.archs import layer_types
-    from kvtool.layouts import layout_plan
-    from kvtool.probe import measure
+    from kvtool.crosslayer.archs import layer_types
+    from kvtool.evaluation.probe import measure
+    from kvtool.search.layouts import layout_plan
 
     torch.manual_seed(0)
     model, _ = kvtool.load()

@@ -19,7 +19,8 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.3)
     a = ap.parse_args()
     import kvtool
-    from kvtool.calibrate import CalibrationStats, calibrate
+    from kvtool.calibration.calibrate import calibrate
+    from kvtool.formats.stats import CalibrationStats
     from kvtool.search import search
 
     model, tok = kvtool.load()

@@ -25,10 +25,10 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     a = ap.parse_args()
     import kvtool
-    from kvtool.archs import decoder_layers, kv_dims
-    from kvtool.calibrate import CalibrationStats
-    from kvtool.compare import calibration_metrics
-    from kvtool.data import load_chunks
+    from kvtool.crosslayer.archs import decoder_layers, kv_dims
+    from kvtool.data.texts import load_chunks
+    from kvtool.formats.stats import CalibrationStats
+    from kvtool.search.compare import calibration_metrics
 
     plan = kvtool.SharingPlan.load(a.plan)
     stats = CalibrationStats.load(a.calib)

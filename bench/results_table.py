@@ -29,13 +29,15 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     import kvtool
-    from kvtool.calibrate import CalibrationStats
-    from kvtool.compare import calibration_metrics
-    from kvtool.data import heldout_chunks
-    from kvtool.evaluate import Variants, passkey
+    from kvtool.crosslayer.runtime import active_plan
+    from kvtool.data.texts import heldout_chunks
+    from kvtool.evaluation.passkey import passkey
+    from kvtool.evaluation.variants import Variants
+    from kvtool.formats.stats import CalibrationStats
     from kvtool.heal import HealSettings, heal
-    from kvtool.quality import perplexity
+    from kvtool.metrics import perplexity
     from kvtool.search import search
+    from kvtool.search.compare import calibration_metrics
 
     stats = CalibrationStats.load(a.calib)
     model, tok = kvtool.load()
@@ -70,7 +72,7 @@ def main() -> None:
                 hm, ht = kvtool.load(out)
                 torch.manual_seed(0)
                 ppl_h, _ = perplexity(hm, held)
-                vv = Variants(hm, ht, hm.kvtool_plan, shared_model=hm)
+                vv = Variants(hm, ht, active_plan(hm), shared_model=hm)
                 pk = passkey(vv, (1024,), (0.1, 0.5, 0.9), ("shared",))["accuracy"]["shared"]["1024"]
                 row["heal"] = {"ppl": ppl_h, "ppl_x_base": ppl_h / base_ppl, "seconds": h["seconds"],
                                "steps_run": h["steps_run"], "passkey_1024": pk}

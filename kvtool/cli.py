@@ -1,7 +1,11 @@
-"""The ``kvtool`` command line: option parsing and printing only; the work is done by the library."""
+"""The ``kvtool`` command line: option parsing and printing only; each command calls one library function.
+
+Library modules are imported inside the commands, so ``kvtool --help`` and ``--version`` import neither torch nor
+transformers (this module is the top layer: nothing imports it, so these late imports cannot hide a cycle)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from pathlib import Path
@@ -10,8 +14,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from kvtool import __version__
 from kvtool.errors import KvtoolError
+from kvtool.version import __version__
 
 app = typer.Typer(
     name="kvtool",
@@ -30,6 +34,17 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (spread o
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing outputs")]
 
 
+@contextlib.contextmanager
+def _bar(what: str, total: int):
+    """A rich progress bar; yields the ``advance(n)`` callback the library calls."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=out) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 def _fail(msg: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -43,6 +58,12 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KvtoolError as e:
+            _fail(str(e))
+        except RuntimeError as e:
+            from kvtool.crosslayer.attention import SharingRuntimeError
+
+            if not isinstance(e, SharingRuntimeError):
+                raise
             _fail(str(e))
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
@@ -83,10 +104,12 @@ def calibrate(
     force: ForceOpt = False,
 ) -> None:
     """Collect per-layer KV statistics (averaged K/V, layer distances, key similarity, baseline outputs)."""
-    from kvtool.calibrate import calibrate as run
+    from kvtool.calibration.calibrate import calibrate as run
+    from kvtool.formats.recipe import CalibrationSettings
 
-    stats = run(model, data=data, samples=samples, seq_len=seq_len, seed=seed, out=out_dir, force=force,
-                dtype=dtype, device=device, batch_size=batch_size, show_progress=True)
+    settings = CalibrationSettings(data=data, samples=samples, seq_len=seq_len, seed=seed, batch_size=batch_size)
+    with _bar("calibrating", samples) as advance:
+        stats = run(model, settings=settings, out=out_dir, force=force, dtype=dtype, device=device, progress=advance)
     m = stats.meta
     out.print(f"calibrated [bold]{m['model_name']}[/]: {m['num_layers']} layers, {m['samples']}×{m['seq_len']} "
               f"tokens from {m['data']} in {m['wall_time_s']:.1f} s")
@@ -126,16 +149,19 @@ def search(
     force: ForceOpt = False,
 ) -> None:
     """Find a sharing map: best-first search (default), KVSharer's greedy orders or a fixed layout."""
-    from kvtool.search import search as run
-
     if compare_:
         _compare(stats, target, layers, threshold, seed, model, dtype, device, json_out, force)
         return
     if out_path is None:
         _fail("give --out plan.json (or --compare)")
-
     import time
 
+    from kvtool.formats.recipe import SearchSettings
+    from kvtool.search.search import search as run
+
+    settings = SearchSettings(target=target, layers=layers, threshold=threshold, order=order, distance=distance,
+                              validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,
+                              strict=strict, merge_budget=merge_budget)
     t0, tried = time.time(), [0]
 
     def on_try(r: dict) -> None:
@@ -146,9 +172,7 @@ def search(
         out.print(f"  [{tried[0]:>3} tried, {r['kept']}/{r['needed']} kept, {el:.0f} s{eta}]  {r['j']:>3} ← "
                   f"{r['source']:<3} score {r['score']:.4f} {mark}", highlight=False)
 
-    res = run(stats, model=model, target=target, layers=layers, threshold=threshold, order=order,
-              distance=distance, validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,
-              strict=strict, merge_budget=merge_budget, out=out_path, force=force, dtype=dtype, device=device,
+    res = run(stats, model=model, settings=settings, out=out_path, force=force, dtype=dtype, device=device,
               on_try=on_try, warn=lambda m: err.print(f"[yellow]warning:[/] {m}"))
     p = res.plan
     score = "" if p.score is None else f", final score {p.score:.4f}"
@@ -160,32 +184,22 @@ def search(
 def _compare(stats, target, layers, threshold, seed, model, dtype, device, json_out, force) -> None:
     from rich.table import Table
 
-    from kvtool.atomic import check_writable_file, write_json_atomic
-    from kvtool.calibrate import CalibrationStats
-    from kvtool.compare import compare, rank_correlation, rows_as_dicts
-    from kvtool.loading import load
-    from kvtool.search import num_consumers
+    from kvtool.search.compare import compare_maps
 
-    if json_out is not None:
-        check_writable_file(json_out, force)
-    st = CalibrationStats.load(stats)
-    m, tok = load(model if model is not None else st.meta.get("model"), dtype=dtype, device=device)
-    if layers is not None:
-        target = num_consumers(st.num_layers, None, layers) / st.num_layers
-    rows = compare(st, m, tok, target, seed=seed, threshold=threshold, log=lambda s: out.print(f"  {s}"))
-    base = rows[0].heldout_ppl
-    t = Table(title=f"{st.meta['model_name']}: sharing maps at target {target:g} (held-out pydoc perplexity)")
+    rep = compare_maps(stats, target=target, layers=layers, threshold=threshold, seed=seed, model=model, dtype=dtype,
+                       device=device, json_out=json_out, force=force, log=lambda s: out.print(f"  {s}"))
+    base = rep["base_ppl"]
+    t = Table(title=f"{rep['model']}: sharing maps at target {rep['target']:g} (held-out pydoc perplexity)")
     for c in ("map", "consumers", "calib cosine", "calib KL", "held-out ppl", "× base", "search s"):
         t.add_column(c, justify="left" if c == "map" else "right", no_wrap=c == "map")
-    for r in rows:
-        t.add_row(r.name, str(r.consumers), f"{r.calib_cosine:.4f}", f"{r.calib_kl:.4f}", f"{r.heldout_ppl:.2f}",
-                  f"{r.heldout_ppl / base:.2f}", f"{r.search_s:.1f}")
+    for r in rep["rows"]:
+        t.add_row(r["name"], str(r["consumers"]), f"{r['calib_cosine']:.4f}", f"{r['calib_kl']:.4f}",
+                  f"{r['heldout_ppl']:.2f}", f"{r['heldout_ppl'] / base:.2f}", f"{r['search_s']:.1f}")
     out.print(t)
-    corr = rank_correlation(rows[1:])
+    corr = rep["spearman"]
     out.print(f"Spearman correlation with held-out perplexity over these maps: 1 - cosine {corr['cosine']:+.2f}, "
               f"KL {corr['kl']:+.2f}")
     if json_out is not None:
-        write_json_atomic(json_out, {"target": target, "rows": rows_as_dicts(rows), "spearman": corr})
         out.print(f"wrote {json_out}")
 
 
@@ -198,16 +212,52 @@ def export(
     model: ModelOpt = None,
     dtype: Annotated[str | None, typer.Option(help="save weights as float32, bfloat16 or float16")] = None,
     max_shard_size: Annotated[str, typer.Option(help="shard the safetensors above this size")] = "2GB",
+    recipe: Annotated[Path | None, typer.Option(help="an export's kvtool.json (or a recipe JSON): calibrate, search "
+                                                     "and export again with its settings")] = None,
     force: ForceOpt = False,
 ) -> None:
     """Write a checkpoint + kvtool.json that loads with sharing on (kvtool.load, or transformers with
     trust_remote_code=True)."""
-    from kvtool.export import export as run
+    if recipe is not None:
+        if plan is not None:
+            _fail("give --plan or --recipe, not both")
+        from kvtool.pipeline import compress
 
-    path = run(plan, out=out_dir, model=model, dtype=dtype, max_shard_size=max_shard_size, force=force)
+        p = compress(model, out=out_dir, recipe=recipe, dtype=dtype, force=force,
+                     log=lambda m: out.print(f"[dim]· {m}[/]"))
+        out.print(f"reproduced {p.describe()} from {recipe}")
+        path = out_dir
+    else:
+        from kvtool.io.export import export as run
+
+        path = run(plan, out=out_dir, model=model, dtype=dtype, max_shard_size=max_shard_size, force=force)
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     out.print(f"exported to {path} ({size / 2**20:.1f} MiB of weights); load it with kvtool.load({str(path)!r}) "
               "or transformers with trust_remote_code=True")
+
+
+@app.command()
+@handle_errors
+def compress(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="export directory to write")],
+    target: Annotated[float, typer.Option(help="fraction of layers that stop storing KV")] = 0.3,
+    model: ModelOpt = None,
+    data: Annotated[str | None, typer.Option(help="calibration data (see `kvtool calibrate --help`)")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="calibration chunks")] = 32,
+    seq_len: Annotated[int, typer.Option(min=2, help="tokens per chunk")] = 128,
+    order: Annotated[str, typer.Option(help="search order (see `kvtool search --help`)")] = "best-first",
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """calibrate → search → export in one go; the export's kvtool.json records the recipe."""
+    from kvtool.formats.recipe import CalibrationSettings, SearchSettings
+    from kvtool.pipeline import compress as run
+
+    p = run(model, out=out_dir, calibration=CalibrationSettings(data=data, samples=samples, seq_len=seq_len),
+            search_settings=SearchSettings(target=target, order=order), dtype=dtype, device=device, force=force,
+            log=lambda m: out.print(f"[dim]· {m}[/]"))
+    out.print(f"{p.describe()}; KV kept {p.kv_fraction:.2f} of base; wrote {out_dir}")
 
 
 @app.command()
@@ -268,15 +318,15 @@ def generate(
     device: DeviceOpt = None,
 ) -> None:
     """Stream a continuation of PROMPT from a (shared) model."""
-    from kvtool.generation import stream
+    from kvtool.generate import generate as run
 
     merge = False if no_merge else None
     if merge_budget is not None:
         if merge_budget <= 0:
             _fail("--merge-budget must be in (0, 1]")
         merge = {"method": merge_method, "budget": merge_budget}
-    stream(model_dir, prompt, max_new_tokens=max_new_tokens, plan=plan, sample=sample, chat=not raw, dtype=dtype,
-           device=device, merge=merge)
+    run(model_dir, prompt, max_new_tokens=max_new_tokens, plan=plan, sample=sample, chat=not raw, dtype=dtype,
+        device=device, merge=merge, on_text=lambda t: print(t, end="", flush=True))
 
 
 @app.command(name="eval")
@@ -316,7 +366,10 @@ def eval_(
     force: ForceOpt = False,
 ) -> None:
     """Quality, memory and speed of a shared model side by side with its base."""
-    from kvtool.evaluate import EvalSettings, evaluate, frontier
+    from kvtool.data.passkey import even_depths
+    from kvtool.evaluation.evaluate import evaluate
+    from kvtool.evaluation.frontier import frontier
+    from kvtool.evaluation.variants import EvalSettings
 
     try:
         lengths = tuple(int(x) for x in passkey_lengths.split(",") if x.strip())
@@ -325,7 +378,7 @@ def eval_(
     settings = EvalSettings(ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, passkey_lengths=lengths,
                             speed_batch=speed_batch, speed_prompt=speed_prompt, speed_new=speed_new,
                             speed_repeats=repeats, merge_passkey_length=merge_length,
-                            merge_passkey_depths=tuple(round((i + 0.5) / merge_depths, 4) for i in range(merge_depths)),
+                            merge_passkey_depths=even_depths(merge_depths),
                             merge_ppl_samples=merge_ppl_samples,
                             merge_ppl_context=max(32, merge_length * 3 // 4), merge_ppl_new=max(8, merge_length // 4))
     for b in merge_budget or []:

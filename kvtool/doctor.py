@@ -7,8 +7,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+from transformers import DynamicCache
 
-from kvtool.errors import KvtoolError
+from kvtool.compat import cache_kwargs
+from kvtool.crosslayer.archs import layer_types
+from kvtool.crosslayer.attention import TESTED_TRANSFORMERS
+from kvtool.crosslayer.kv_check import check_kv_in_effect
+from kvtool.crosslayer.runtime import sharing
+from kvtool.errors import KvtoolError, first_line
+from kvtool.formats.plan import SharingPlan
+from kvtool.io.loading import quiet_transformers
+from kvtool.io.tiny import TINY_ARCHS, tiny_model
+from kvtool.merging.compressor import compression
+from kvtool.versions import versions
 
 
 @dataclass
@@ -19,37 +32,10 @@ class Check:
     detail: str = ""
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip() or type(e).__name__).splitlines()[0][:300]
-
-
-def _plan_for(model):
-    """Layers 2, 4 and 5 read the nearest earlier owner of their own attention type."""
-    from kvtool.archs import layer_types
-    from kvtool.plan import SharingPlan
-
-    types = layer_types(model.config)
-    src = list(range(model.config.num_hidden_layers))
-    for j in (2, 4, 5):
-        for i in range(j - 1, -1, -1):
-            if types[i] == types[j] and src[i] == i:
-                src[j] = i
-                break
-    return SharingPlan(src, layer_types=types)
-
-
 @torch.no_grad()
 def _check_arch(arch: str) -> list[Check]:
-    from transformers import DynamicCache
-
-    from kvtool.compat import cache_kwargs
-    from kvtool.compression import compression
-    from kvtool.kv_check import check_kv_in_effect
-    from kvtool.runtime import sharing
-    from kvtool.tiny import tiny_model
-
     m = tiny_model(arch)
-    plan = _plan_for(m)
+    plan = SharingPlan.nearest_owner(layer_types(m.config), (2, 4, 5))
     ids = torch.randint(3, m.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     out: list[Check] = []
 
@@ -57,14 +43,14 @@ def _check_arch(arch: str) -> list[Check]:
         try:
             out.append(Check(arch, name, True, fn()))
         except Exception as e:  # noqa: BLE001 - every failure becomes one reported line
-            out.append(Check(arch, name, False, _first_line(e)))
+            out.append(Check(arch, name, False, first_line(e)))
         return out[-1].ok
 
     try:
         ctx = sharing(m, plan)
         ctx.__enter__()
     except Exception as e:  # noqa: BLE001
-        return [Check(arch, "install", False, _first_line(e))]
+        return [Check(arch, "install", False, first_line(e))]
     try:
         out.append(Check(arch, "install", True, plan.describe()))
 
@@ -120,9 +106,6 @@ def _check_arch(arch: str) -> list[Check]:
 
 def doctor(log: Callable[[Check], None] | None = None) -> list[Check]:
     """Run the self-test on every supported architecture; ``log`` receives each check as it finishes."""
-    from kvtool.loading import quiet_transformers
-    from kvtool.tiny import TINY_ARCHS
-
     quiet_transformers()
     checks: list[Check] = []
     for arch in TINY_ARCHS:
@@ -135,12 +118,6 @@ def doctor(log: Callable[[Check], None] | None = None) -> list[Check]:
 
 def environment() -> dict[str, str]:
     """The versions in use, and whether transformers is inside the range kvtool was tested on."""
-    import transformers
-    from packaging.specifiers import SpecifierSet
-
-    from kvtool.shared_attention import TESTED_TRANSFORMERS
-    from kvtool.versions import versions
-
     env = versions()
     inside = transformers.__version__ in SpecifierSet(TESTED_TRANSFORMERS)
     env["transformers tested range"] = f"{TESTED_TRANSFORMERS} ({'inside' if inside else 'OUTSIDE'})"

@@ -5,3 +5,9 @@ from __future__ import annotations
 
 class KvtoolError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line reports."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:limit]

@@ -25,8 +25,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvtool.atomic import check_writable_dir
+from kvtool.crosslayer.archs import arch_of, decoder_layers, kv_param_names
+from kvtool.crosslayer.runtime import apply_sharing
+from kvtool.data.texts import heldout_chunks, load_chunks
 from kvtool.errors import KvtoolError
-from kvtool.plan import SharingPlan
+from kvtool.formats.plan import SharingPlan
+from kvtool.io.export import export
+from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
+from kvtool.io.loading import model_and_tokenizer
+from kvtool.metrics import perplexity
+from kvtool.progress import Log, silent
 
 TRAIN_TARGETS = ("attention", "sources", "layers")
 
@@ -66,8 +75,6 @@ def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "atte
     """The consumers' q_proj / o_proj / q_norm weights (the Q rows of a fused qkv_proj count as q_proj); with
     ``train="layers"`` every other weight of the consumer layers too, except the K/V projections they never use;
     with ``train="sources"`` also the K/V projections (and k-norm) of the owner layers that consumers read."""
-    from kvtool.archs import arch_of, decoder_layers, kv_param_names
-
     _check_train(train)
     params: list[nn.Parameter] = []
     for j in plan.consumers:
@@ -141,30 +148,21 @@ def heal(
     force: bool = False,
     dtype: str | None = None,
     device: str | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Distil the shared model toward its base and write it as an export directory (``kvtool.load(out)``)."""
-    from kvtool.atomic import check_writable_dir
-    from kvtool.data import heldout_chunks, load_chunks
-    from kvtool.export import export
-    from kvtool.loading import load, model_fingerprint
-    from kvtool.quality import perplexity
-    from kvtool.runtime import apply_sharing
-
     s = (settings or HealSettings()).validated()
-    say = log or (lambda m: None)
+    say = log or silent
     check_writable_dir(out, force)
     if not isinstance(plan, SharingPlan):
         plan = SharingPlan.load(plan)
     if not plan.consumers:
         raise KvtoolError("the plan has no consumer layers: nothing to heal")
-    if model is None or isinstance(model, (str, Path)):
-        model, tokenizer = load(model if model is not None else plan.details.get("model"), dtype=dtype,
-                                device=device)
+    model, tokenizer = model_and_tokenizer(model, tokenizer, fallback=plan.details.get("model"), dtype=dtype,
+                                           device=device, what="heal")
     base_fp = model_fingerprint(model)
-    if plan.model_fingerprint and plan.model_fingerprint != base_fp:
-        raise KvtoolError("the plan was made for another model (fingerprint mismatch)")
+    check_fingerprint(plan.model_fingerprint, base_fp, "the plan", "pass the --model it was searched on")
     torch.manual_seed(s.seed)
     t0 = time.time()
     chunks = load_chunks(s.data, tokenizer, s.samples + s.val_samples, s.seq_len, seed=s.seed + 17).input_ids
@@ -246,6 +244,5 @@ def heal(
               "heldout_ppl_before": round(before_ppl, 4), "heldout_ppl_after": round(after_ppl, 4),
               "history": history, "seconds": round(time.time() - t0, 1)}
     say(f"held-out perplexity after healing {after_ppl:.2f} (before {before_ppl:.2f}, base {base_ppl:.2f})")
-    model.kvtool_heal = result
-    export(plan, out=out, model=model, tokenizer=tokenizer, force=force, base_fingerprint=base_fp)
+    export(plan, out=out, model=model, tokenizer=tokenizer, force=force, base_fingerprint=base_fp, heal=result)
     return result

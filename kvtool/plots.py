@@ -1,8 +1,9 @@
-"""PNG figures: the layer-distance heatmap (with a sharing map drawn on it) and the quality-vs-memory frontier."""
+"""PNG figures: the layer-distance heatmap (with a sharing map drawn on it) and the quality-vs-memory frontier.
+Each function returns the PNG's bytes; callers write them (atomically) where they belong."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import numpy as np
 
@@ -16,8 +17,7 @@ def _plt():
     return plt
 
 
-def distance_heatmap(dist: np.ndarray, path: str | Path, title: str = "", kv_source_layers: list[int] | None = None
-                     ) -> Path:
+def distance_heatmap(dist: np.ndarray, title: str = "", kv_source_layers: list[int] | None = None) -> bytes:
     """Heatmap of a layer x layer distance matrix; ``kv_source_layers`` marks each consumer→source pair."""
     plt = _plt()
     n = dist.shape[0]
@@ -37,13 +37,10 @@ def distance_heatmap(dist: np.ndarray, path: str | Path, title: str = "", kv_sou
     ax.set_yticks(range(0, n, step))
     ax.set_title(title or "KV distance between layers (calibration averages)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _png(fig)
 
 
-def frontier(points: list[dict], path: str | Path, base_ppl: float | None = None) -> Path:
+def frontier(points: list[dict], base_ppl: float | None = None) -> bytes:
     """Perplexity against KV bytes (fraction of the base) for several plans; ``points``: {label, kv_ratio, ppl}."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
@@ -59,17 +56,11 @@ def frontier(points: list[dict], path: str | Path, base_ppl: float | None = None
     ax.grid(alpha=0.3)
     ax.set_title("Quality vs KV memory", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    _save(fig, path)
-    plt.close(fig)
-    return path
+    return _png(fig)
 
 
-def _save(fig, path: Path) -> None:
-    import io
-
-    from kvtool.atomic import write_bytes_atomic
-
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    write_bytes_atomic(path, buf.getvalue())
+    _plt().close(fig)
+    return buf.getvalue()

@@ -1,26 +1,12 @@
-"""A rich progress bar that can be switched off (library calls are silent by default)."""
+"""Progress callbacks: the library reports progress through these and never prints; the CLI draws them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
-class progress_bar:
-    """A rich progress bar, or nothing; ``advance(n)`` moves it."""
+Log = Callable[[str], None]  # one human-readable line
+Advance = Callable[[int], None]  # n more items done
 
-    def __init__(self, show: bool, total: int, what: str):
-        self.show, self.total, self.what = show, total, what
 
-    def __enter__(self):
-        if not self.show:
-            return lambda n: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-        self.p = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-        self.p.__enter__()
-        task = self.p.add_task(self.what, total=self.total)
-        return lambda n: self.p.advance(task, n)
-
-    def __exit__(self, *exc):
-        if self.show:
-            self.p.__exit__(*exc)
-        return False
+def silent(*_args, **_kwargs) -> None:
+    """The default callback: report nothing."""

@@ -1,16 +1,16 @@
-"""Versions recorded in every output file."""
+"""Versions recorded in every output file and printed by ``kvtool doctor``."""
 
 from __future__ import annotations
 
 import platform
 from importlib import metadata
 
+from kvtool.version import __version__
+
 
 def versions() -> dict[str, str]:
     import torch
     import transformers
-
-    from kvtool import __version__
 
     out = {"kvtool": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
     for dist in ("tokenizers", "safetensors", "accelerate", "numpy", "gguf"):

@@ -19,6 +19,6 @@ def smollm2():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A saved tiny Llama with a tokenizer, loadable by path."""
-    from kvtool.tiny import save_tiny
+    from kvtool.io.tiny import save_tiny
 
     return save_tiny(tmp_path_factory.mktemp("tiny") / "llama", "llama", vocab_size=128)

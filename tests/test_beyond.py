@@ -6,13 +6,16 @@ import pytest
 import torch
 
 import kvtool
-from kvtool.calibrate import calibrate
+from kvtool.calibration.calibrate import calibrate
+from kvtool.crosslayer.runtime import active_plan
 from kvtool.errors import KvtoolError
+from kvtool.formats.plan import SharingPlan
 from kvtool.heal import HealSettings, heal, sample_chunks, trainable_parameters
-from kvtool.local_scores import local_errors
-from kvtool.plan import SharingPlan
-from kvtool.search import rank_pairs, search
-from kvtool.tiny import save_tiny, tiny_model, tiny_tokenizer
+from kvtool.io.loading import model_origin
+from kvtool.io.tiny import save_tiny, tiny_model, tiny_tokenizer
+from kvtool.search import search
+from kvtool.search.local_scores import local_errors
+from kvtool.search.orders import rank_pairs
 
 
 @pytest.fixture(scope="module")
@@ -86,16 +89,16 @@ def test_heal_lowers_validation_loss_and_writes_a_loadable_dir(tmp_path, tok):
         if id(p) not in trained and n in before:
             assert torch.equal(p, before[n]), n
     h, htok = kvtool.load(tmp_path / "healed")
-    assert h.kvtool_sidecar["heal"]["val_kl_after"] == res["val_kl_after"]
+    assert model_origin(h).sidecar["heal"]["val_kl_after"] == res["val_kl_after"]
     ids = torch.randint(3, 128, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(h(ids).logits, m(ids).logits, atol=1e-5, rtol=0)
     # a healed dir re-exports (here to bfloat16) with its map and heal record
-    from kvtool.export import export
+    from kvtool.io.export import export
 
     export(None, model=h, tokenizer=htok, out=tmp_path / "re", dtype="bfloat16")
     r, _ = kvtool.load(tmp_path / "re")
-    assert r.kvtool_sidecar["heal"] and r.kvtool_plan.kv_source_layers == plan.kv_source_layers
+    assert model_origin(r).sidecar["heal"] and active_plan(r).kv_source_layers == plan.kv_source_layers
 
 
 def test_heal_sources_trains_the_read_kv_projections_and_loads(tmp_path, tok):
@@ -134,4 +137,4 @@ def test_heal_on_sampled_text_keeps_the_validation_split(tmp_path, tok):
     more = heal(plan, out=tmp_path / "b", model=kvtool.load(d)[0], tokenizer=t,
                 settings=HealSettings(**kw, generated=6))
     assert more["val_kl_before"] == plain["val_kl_before"]  # same validation chunks, same starting point
-    assert kvtool.load(tmp_path / "b")[0].kvtool_sidecar["heal"]["settings"]["generated"] == 6
+    assert model_origin(kvtool.load(tmp_path / "b")[0]).sidecar["heal"]["settings"]["generated"] == 6

@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvtool.calibrate import CalibrationStats, calibrate, layer_distances, sim_fraction_above
+from kvtool.calibration.calibrate import calibrate, layer_distances
 from kvtool.compat import cache_kwargs
 from kvtool.errors import KvtoolError
-from kvtool.tiny import TINY_ARCHS, tiny_model, tiny_tokenizer
+from kvtool.formats.stats import CalibrationStats, sim_fraction_above
+from kvtool.io.tiny import TINY_ARCHS, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def test_distance_definitions_by_hand():
 
 
 def test_fraction_above_from_histogram():
-    from kvtool.calibrate import SIM_BINS
+    from kvtool.formats.stats import SIM_BINS
 
     hist = torch.zeros(SIM_BINS, dtype=torch.long)
     hist[-1] = 3  # similarity ~1

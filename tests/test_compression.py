@@ -8,14 +8,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvtool.archs import layer_types
 from kvtool.compat import cache_kwargs
-from kvtool.compressed_cache import CompressedLayer
-from kvtool.compression import METHODS, CompressionSettings, compression, layer_keep
+from kvtool.crosslayer.archs import layer_types
+from kvtool.crosslayer.kv_check import kv_bytes, prefill_kv_bytes
+from kvtool.crosslayer.runtime import sharing
 from kvtool.errors import KvtoolError
-from kvtool.kv_check import kv_bytes, prefill_kv_bytes
-from kvtool.runtime import sharing
-from kvtool.tiny import TINY_ARCHS, tiny_model
+from kvtool.formats.merge_settings import METHODS, CompressionSettings, layer_keep
+from kvtool.io.tiny import TINY_ARCHS, tiny_model
+from kvtool.merging.compressed_cache import CompressedLayer
+from kvtool.merging.compressor import active_compression, compression
 from tests.test_runtime import _plan_for
 
 ALL_LAYERS = dict(protected_layers=[])  # tiny models have 6 layers: protecting 3 would leave no room for a budget
@@ -154,8 +155,9 @@ def test_settings_round_trip_and_errors():
 @torch.no_grad()
 def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
     import kvtool
-    from kvtool.export import export, read_sidecar
-    from kvtool.tiny import save_tiny
+    from kvtool.formats.sidecar import read_sidecar
+    from kvtool.io.export import export
+    from kvtool.io.tiny import save_tiny
 
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
@@ -164,14 +166,14 @@ def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
     assert read_sidecar(tmp_path / "exp")["merge"]["budget"] == 0.5
     m2, _ = kvtool.load(tmp_path / "exp")
-    assert m2.kvtool_compression.budget == 0.5
+    assert active_compression(m2).budget == 0.5
     c = DynamicCache(config=m2.config)
     m2(_ids(t=30), **cache_kwargs(m2, c))
     with sharing(m, plan):
         uncompressed = prefill_kv_bytes(m, _ids(t=30))
     assert c.layers[0].keys.shape[-2] == 15 and kv_bytes(c) < uncompressed
     m3, _ = kvtool.load(tmp_path / "exp", merge=False)
-    assert getattr(m3, "kvtool_compression", None) is None
+    assert active_compression(m3) is None
     # a plan JSON with bad merge settings is refused on load
     bad = plan.to_json().replace('"method": "kvmerger"', '"method": "zip"')
     (tmp_path / "bad.json").write_text(bad)

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from kvtool.data import heldout_chunks, load_chunks, make_chunks, pydoc_texts, read_texts
+from kvtool.data.texts import heldout_chunks, load_chunks, make_chunks, pydoc_texts, read_texts
 from kvtool.errors import KvtoolError
-from kvtool.tiny import tiny_tokenizer
+from kvtool.io.tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ from typer.testing import CliRunner
 
 import kvtool
 from kvtool.cli import app
-from kvtool.evaluate import EvalSettings, evaluate
-from kvtool.export import export
-from kvtool.passkey import answer_ok, build_cases
-from kvtool.plan import SharingPlan
+from kvtool.data.passkey import answer_ok, build_cases
+from kvtool.evaluation.evaluate import evaluate
+from kvtool.evaluation.variants import EvalSettings
+from kvtool.formats.plan import SharingPlan
+from kvtool.io.export import export
 
 FAST = EvalSettings(ppl_samples=2, ppl_seq_len=32, gen_new_tokens=6, passkey_lengths=(64,), passkey_depths=(0.5,),
                     speed_batch=1, speed_prompt=16, speed_new=2, speed_repeats=1)
@@ -51,7 +52,7 @@ def test_eval_of_an_export_records_metrics(tiny_dir, tmp_path):
 
 
 def test_passkey_cases_and_scoring():
-    from kvtool.tiny import tiny_tokenizer
+    from kvtool.io.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     cases = build_cases(tok, lengths=(256, 512), depths=(0.2, 0.8))

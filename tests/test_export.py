@@ -9,12 +9,12 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import kvtool
-from kvtool.archs import layer_types
 from kvtool.cli import app
+from kvtool.crosslayer.archs import layer_types
 from kvtool.errors import KvtoolError
-from kvtool.export import export
-from kvtool.plan import SharingPlan
-from kvtool.tiny import TINY_ARCHS, save_tiny
+from kvtool.formats.plan import SharingPlan
+from kvtool.io.export import export
+from kvtool.io.tiny import TINY_ARCHS, save_tiny
 
 
 def _plan(model) -> SharingPlan:
@@ -170,7 +170,7 @@ def test_cli_export_and_generate(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_export_answers(smollm2, tmp_path):
-    from kvtool.generation import render
+    from kvtool.data.chat import prompt_ids
 
     model, tok = smollm2
     plan = SharingPlan.from_pairs(30, {2: 1, 4: 3, 5: 3})
@@ -178,6 +178,6 @@ def test_smollm2_export_answers(smollm2, tmp_path):
     export(plan, model=model, tokenizer=tok, out=tmp_path / "exp")
     m2, tok2 = kvtool.load(tmp_path / "exp")
     assert sum(p.numel() for p in m2.state_dict().values()) == sum(base_sd.values()) - 6 * 576 * 192
-    ids = render(tok2, "What is the capital of France?")
+    ids = prompt_ids(tok2, "What is the capital of France?")
     out = m2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok2.decode(out[0, ids.shape[1]:])

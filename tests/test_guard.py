@@ -12,15 +12,15 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.models.llama import modeling_llama
 
 import kvtool
-import kvtool.shared_attention as sa
-from kvtool.archs import layer_types
+import kvtool.crosslayer.attention as sa
 from kvtool.compat import cache_kwargs, output_cache
-from kvtool.compression import compression
+from kvtool.crosslayer.archs import layer_types
+from kvtool.crosslayer.kv_check import check_kv_in_effect, kv_bytes, layer_bytes
+from kvtool.crosslayer.runtime import apply_sharing, sharing
 from kvtool.errors import KvtoolError
-from kvtool.export import export
-from kvtool.kv_check import check_kv_in_effect, kv_bytes, layer_bytes
-from kvtool.runtime import apply_sharing, sharing
-from kvtool.tiny import TINY_ARCHS, save_tiny, tiny_model
+from kvtool.io.export import export
+from kvtool.io.tiny import TINY_ARCHS, save_tiny, tiny_model
+from kvtool.merging.compressor import compression
 from tests.test_runtime import _ids, _plan_for
 
 
@@ -193,7 +193,7 @@ def test_decoding_after_the_compression_block(method):
 
 @torch.no_grad()
 def test_a_compressed_cache_without_the_runtime_is_a_clear_error():
-    from kvtool.runtime import remove_sharing
+    from kvtool.crosslayer.runtime import remove_sharing
 
     m = tiny_model("llama")
     ids = _ids(1, 40)

@@ -7,7 +7,7 @@ import torch
 
 import kvtool
 from kvtool.errors import KvtoolError
-from kvtool.loading import model_fingerprint
+from kvtool.io.fingerprint import model_fingerprint
 
 
 def test_local_directory(tiny_dir):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvtool.eviction import h2o_keep, streaming_keep
-from kvtool.merge import gaussian_merge, merge_head, merge_rows, pair_scores, protected_mask, select_pairs
+from kvtool.merging.eviction import h2o_keep, streaming_keep
+from kvtool.merging.kvmerger import gaussian_merge, merge_head, merge_rows, pair_scores, protected_mask, select_pairs
 
 
 def test_identical_keys_merge_to_that_key():

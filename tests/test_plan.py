@@ -5,8 +5,8 @@ import json
 import pytest
 
 from kvtool.errors import KvtoolError
-from kvtool.layouts import layout_plan
-from kvtool.plan import SharingPlan
+from kvtool.formats.plan import SharingPlan
+from kvtool.search.layouts import layout_plan
 
 
 def test_roundtrip_and_views(tmp_path):

@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from kvtool.archs import layer_types
 from kvtool.compat import cache_kwargs, output_cache
+from kvtool.crosslayer.archs import layer_types
+from kvtool.crosslayer.runtime import apply_sharing, remove_sharing, sharing
 from kvtool.errors import KvtoolError
-from kvtool.plan import SharingPlan
-from kvtool.runtime import apply_sharing, remove_sharing, sharing
-from kvtool.tiny import TINY_ARCHS, tiny_model
+from kvtool.formats.plan import SharingPlan
+from kvtool.io.tiny import TINY_ARCHS, tiny_model
 
 
 def _plan_for(model, consumers=(2, 4, 5)) -> SharingPlan:
@@ -66,7 +66,7 @@ def test_cached_token_by_token_equals_one_forward_without_cache(arch):
 
 
 def _unshared_logits(m, ids):
-    from kvtool.runtime import active_plan
+    from kvtool.crosslayer.runtime import active_plan
 
     plan = active_plan(m)
     remove_sharing(m)

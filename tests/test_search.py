@@ -6,15 +6,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from kvtool.calibrate import calibrate
+from kvtool.calibration.calibrate import calibrate
+from kvtool.calibration.merge_thresholds import merge_settings
 from kvtool.cli import app
+from kvtool.crosslayer.runtime import sharing
 from kvtool.errors import KvtoolError
-from kvtool.merge_plan import merge_settings
-from kvtool.plan import SharingPlan
-from kvtool.runtime import sharing
-from kvtool.scoring import Scorer
-from kvtool.search import rank_pairs, search, with_pair
-from kvtool.tiny import tiny_model, tiny_tokenizer
+from kvtool.formats.plan import SharingPlan
+from kvtool.io.tiny import tiny_model, tiny_tokenizer
+from kvtool.search import search
+from kvtool.search.orders import rank_pairs, with_pair
+from kvtool.search.scoring import Scorer
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +118,9 @@ def test_deterministic_bytes_and_fingerprint_check(llama_stats, tmp_path):
 
 def test_merge_thresholds_meet_budget(llama_stats):
     _, st = llama_stats
-    s = merge_settings(st, 0.5)
+    s = merge_settings(st, 0.5, SharingPlan.identity(8))
     assert s["thresholds"][0] is None and s["thresholds"][1] is None and s["thresholds"][-1] is None
-    from kvtool.calibrate import sim_fraction_above
+    from kvtool.formats.stats import sim_fraction_above
 
     hist = st.tensors["keysim_hist"]
     for layer in range(2, 7):
@@ -137,10 +138,10 @@ def test_cli_search_and_compare(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["search", "--stats", str(tmp_path / "c"), "--target", "0.34", "--out",
                             str(tmp_path / "plan.json"), "--order", "dissimilar", "--threshold", "0.0",
-                            "--merge-budget", "0.5"])
+                            "--merge-budget", "0.8"])  # 3 of the 4 owners are protected: 0.5 cannot be met
     assert r.exit_code == 0, r.output
     plan = SharingPlan.load(tmp_path / "plan.json")
-    assert len(plan.consumers) == 2 and plan.merge["budget"] == 0.5
+    assert len(plan.consumers) == 2 and plan.merge["budget"] == 0.8
     r = runner.invoke(app, ["search", "--stats", str(tmp_path / "c"), "--layout", "tail", "--layers", "2", "--out",
                             str(tmp_path / "tail.json")])
     assert r.exit_code == 0 and SharingPlan.load(tmp_path / "tail.json").kv_source_layers == [0, 1, 2, 3, 3, 3]
@@ -152,3 +153,23 @@ def test_cli_search_and_compare(tiny_dir, tmp_path):
     assert rows[0]["calib_cosine"] == pytest.approx(1.0, abs=1e-4) and rows[0]["calib_kl"] == pytest.approx(0, abs=1e-5)
     r = runner.invoke(app, ["search", "--stats", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "not a calibration directory" in r.output
+
+
+def test_merge_thresholds_use_the_compressors_share_on_a_mixed_model(tmp_path):
+    """One formula for the per-layer merge share: thresholds are calibrated for exactly the share the compressor
+    keeps (consumers and sliding-window layers store no prompt to merge; protected layers stay whole)."""
+    from kvtool.formats.merge_settings import CompressionSettings, layer_keep
+
+    m = tiny_model("gemma3_text", num_hidden_layers=12)  # layers 2, 5, 8, 11 full attention, the rest sliding
+    st = calibrate(m, tokenizer=tiny_tokenizer(), samples=4, seq_len=16)
+    types = st.meta["layer_types"]
+    plan = SharingPlan.nearest_owner(types, (4, 5))  # 5 (full) reads 2; 4 (sliding) reads 3
+    s = merge_settings(st, 0.5, plan)
+    keep = layer_keep(CompressionSettings(budget=0.5, protected_layers=s["protected_layers"]),
+                      plan.kv_source_layers, types)
+    merged = [i for i, k in enumerate(keep) if k is not None]
+    assert merged == [2, 8]  # 5 is a consumer, 11 is protected (the last layer), every other layer slides
+    assert [i for i, t in enumerate(s["thresholds"]) if t is not None] == merged
+    assert s["layer_budget"] == pytest.approx(keep[2], abs=1e-6) and keep[2] == keep[8]
+    # full-attention owners 2, 8 (merged) and 11 (whole) hold the budget between them
+    assert (keep[2] + keep[8] + 1.0) / 3 == pytest.approx(0.5)

@@ -1,0 +1,95 @@
+"""Measure the KV cache a model really holds, and check it is the one its sharing map (and compression) implies.
+
+Every KV figure kvtool reports goes through ``prefill_kv_bytes`` (or is compared with ``cache_size``'s count):
+each layer's stored bytes must equal what the model's active map and compression setting imply, or the measurement
+is refused. A runtime that silently stopped sharing (or stopped caching) fails here with one line instead of
+producing a report that looks fine.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvtool.compat import cache_kwargs
+from kvtool.crosslayer.archs import kv_dims, layer_types
+from kvtool.crosslayer.runtime import sharing_state
+from kvtool.errors import KvtoolError
+from kvtool.formats.cache_size import stored_entries
+
+
+def layer_bytes(cache) -> list[int]:
+    """Bytes held by each layer's key and value tensors (a ``DummyLayer`` holds none)."""
+    return [sum(t.numel() * t.element_size() for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                if isinstance(t, torch.Tensor)) for layer in cache.layers]
+
+
+def kv_bytes(cache) -> int:
+    """Bytes held by the key/value tensors of a cache."""
+    return sum(layer_bytes(cache))
+
+
+def expected_entries(model: nn.Module, prompt: int, new: int = 0) -> list[int | None]:
+    """Entries per layer that the model's active sharing map and compression imply (identity when none)."""
+    cfg = model.config
+    st = sharing_state(model)
+    src = st.kv_source_layers if st is not None else list(range(cfg.num_hidden_layers))
+    comp = st.compressor if st is not None else None
+    return stored_entries(src, layer_types(cfg), getattr(cfg, "sliding_window", None), prompt, new,
+                          keep=None if comp is None else comp.keep,
+                          threshold_mode=comp is not None and comp.settings.budget is None)
+
+
+def base_entries(model: nn.Module, prompt: int, new: int = 0) -> list[int]:
+    """Entries per layer of the unshared, uncompressed model."""
+    cfg = model.config
+    return stored_entries(list(range(cfg.num_hidden_layers)), layer_types(cfg), getattr(cfg, "sliding_window", None),
+                          prompt, new)
+
+
+def entry_bytes(model: nn.Module, batch: int = 1) -> int:
+    """Bytes of one stored entry (K and V of every KV head) for ``batch`` sequences."""
+    heads, head_dim = kv_dims(model.config)
+    elem = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
+    return 2 * heads * head_dim * elem * batch
+
+
+def check_layer_bytes(model: nn.Module, got: list[int], prompt: int, new: int = 0, batch: int = 1) -> None:
+    """Raise ``KvtoolError`` unless each layer holds exactly the bytes the active map and compression imply."""
+    L = model.config.num_hidden_layers
+    got = list(got) + [0] * (L - len(got))
+    per = entry_bytes(model, batch)
+    want = expected_entries(model, prompt, new)
+    bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True))
+           if (g != w * per if w is not None else not 0 < g <= (prompt + new) * per)]
+    if not bad:
+        return
+    base = sum(base_entries(model, prompt, new)) * per
+    if None in want:
+        says = f"at most {sum((prompt + new) * per if w is None else w * per for w in want) / base:.2f}"
+    else:
+        says = f"{sum(want) * per / base:.2f}"
+    i, g, w = bad[0]
+    detail = f"layer {i} holds {g // per} entries, expected {'up to ' + str(prompt + new) if w is None else w}"
+    raise KvtoolError(f"sharing is not in effect: the model holds {sum(got) / base:.2f} of the base KV, the plan "
+                      f"says {says} ({detail}; {len(bad)} of {L} layers differ)")
+
+
+@torch.no_grad()
+def prefill_kv_bytes(model: nn.Module, ids: torch.Tensor) -> int:
+    """KV bytes a fresh ``DynamicCache`` holds after one prefill of ``ids``, checked layer by layer against what the
+    model's sharing map and compression imply."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    model(ids.to(next(model.parameters()).device), use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache))
+    got = layer_bytes(cache)
+    check_layer_bytes(model, got, ids.shape[1], batch=ids.shape[0])
+    return sum(got)
+
+
+def check_kv_in_effect(model: nn.Module, tokens: int = 64) -> float:
+    """Prefill ``tokens`` tokens and check every layer's KV bytes (see ``check_layer_bytes``); returns the measured
+    share of the base model's KV bytes."""
+    ids = (torch.arange(tokens) * 7919 % max(1, model.config.vocab_size - 3) + 3)[None]
+    return prefill_kv_bytes(model, ids) / (sum(base_entries(model, tokens)) * entry_bytes(model))

@@ -1,0 +1,1 @@
+"""``kvtool eval``: the base and the shared model side by side, one module per task."""

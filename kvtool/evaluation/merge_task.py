@@ -1,0 +1,83 @@
+"""``kvtool eval --merge-budget``: KVMerger against H2O and StreamingLLM eviction at the same budgets, on the base
+model and on the shared one, in one harness: KV bytes after prefill, passkey retrieval on long prompts, and
+perplexity of a continuation read over a compressed long context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from kvtool.compat import cache_kwargs
+from kvtool.crosslayer.kv_check import prefill_kv_bytes
+from kvtool.data.passkey import MERGE_PASSKEY_DEPTHS, build_cases
+from kvtool.data.texts import heldout_chunks
+from kvtool.errors import KvtoolError
+from kvtool.evaluation.passkey import passkey_accuracy
+from kvtool.evaluation.variants import Variants
+from kvtool.formats.merge_settings import METHODS, CompressionSettings
+from kvtool.io.devices import model_device
+from kvtool.merging.compressor import compression
+from kvtool.metrics import nll_sum
+from kvtool.progress import Log
+
+
+@torch.no_grad()
+def long_context_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int]:
+    """Summed NLL of ``ids[:, context:]`` read after a prefill of ``ids[:, :context]`` (compressed when compression
+    is on), in one continuation forward; returns (nll, predicted tokens)."""
+    ids = ids.to(model_device(model))
+    cache = DynamicCache(config=model.config)
+    first = model(ids[:, :context], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:]
+    rest = model(ids[:, context:-1], use_cache=True, **cache_kwargs(model, cache)).logits
+    return nll_sum(torch.cat([first, rest], dim=1), ids[:, context:])
+
+
+def compare_compression(v: Variants, budgets: list[float], methods: tuple[str, ...] = METHODS, *,
+                        passkey_length: int = 2048, passkey_depths: tuple[float, ...] = MERGE_PASSKEY_DEPTHS,
+                        ppl_samples: int = 4, ppl_context: int = 1536, ppl_new: int = 512, data: str | None = None,
+                        base_settings: CompressionSettings | None = None, log: Log | None = None) -> dict[str, Any]:
+    """One row per (variant, method, budget), plus each variant uncompressed; ratios are against the base model's
+    uncompressed cache."""
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise KvtoolError(f"unknown merge method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
+    say = log or (lambda msg: None)
+    tok = v.tokenizer
+    cases = build_cases(tok, (passkey_length,), passkey_depths, seed=7)
+    probe_ids = cases[len(cases) // 2].input_ids
+    long_ids = heldout_chunks(tok, ppl_samples, ppl_context + ppl_new, data).input_ids
+    template = base_settings or CompressionSettings()
+    rows: list[dict[str, Any]] = []
+    base_bytes = None
+    for which in ("base", "shared"):
+        with v.use(which) as m:
+            for method, budget in [("none", None), *[(mt, b) for b in budgets for mt in methods]]:
+                t0 = time.time()
+                settings = None if method == "none" else CompressionSettings(
+                    **{**template.to_dict(), "method": method, "budget": budget,
+                       "thresholds": template.thresholds if method == "kvmerger" else None})
+                with compression(m, settings) if settings is not None else contextlib.nullcontext():
+                    kv = prefill_kv_bytes(m, probe_ids)
+                    acc = passkey_accuracy(m, tok, cases)
+                    nll, n = 0.0, 0
+                    for i in range(long_ids.shape[0]):
+                        a, b = long_context_nll(m, long_ids[i : i + 1], ppl_context)
+                        nll, n = nll + a, n + b
+                if base_bytes is None:
+                    base_bytes = kv
+                row = {"variant": which, "method": method, "budget": budget, "kv_bytes_prefill": kv,
+                       "kv_ratio": kv / base_bytes, "passkey": acc,
+                       "ppl": float(torch.tensor(nll / n).exp()), "seconds": round(time.time() - t0, 1)}
+                rows.append(row)
+                shown = "-" if budget is None else budget
+                say(f"{which:6s} {method:9s} budget {shown:>4}: KV {row['kv_ratio']:.3f} of base, "
+                    f"passkey@{passkey_length} {acc:.2f}, long-context ppl {row['ppl']:.2f}")
+    return {"passkey_length": passkey_length, "passkey_depths": list(passkey_depths), "ppl_samples": ppl_samples,
+            "ppl_context": ppl_context, "ppl_new": ppl_new, "budgets": budgets, "methods": list(methods),
+            "rows": rows}
+

@@ -1,0 +1,101 @@
+"""The two models ``kvtool eval`` compares, and the settings of every eval task."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kvtool.crosslayer.kv_check import check_kv_in_effect
+from kvtool.crosslayer.runtime import active_plan, apply_sharing, remove_sharing, sharing
+from kvtool.data.passkey import MERGE_PASSKEY_DEPTHS, PASSKEY_DEPTHS, PASSKEY_LENGTHS
+from kvtool.errors import KvtoolError
+from kvtool.formats.plan import SharingPlan
+from kvtool.formats.sidecar import read_sidecar
+from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
+from kvtool.io.loading import load, model_origin
+
+TASKS = ("ppl", "fidelity", "generate", "passkey", "memory", "speed", "merge")
+
+
+@dataclass
+class EvalSettings:
+    ppl_samples: int = 8
+    ppl_seq_len: int = 256
+    gen_new_tokens: int = 32
+    passkey_lengths: tuple[int, ...] = PASSKEY_LENGTHS
+    passkey_depths: tuple[float, ...] = PASSKEY_DEPTHS
+    speed_batch: int = 4
+    speed_prompt: int = 512
+    speed_new: int = 32
+    speed_repeats: int = 2
+    merge_passkey_length: int = 2048
+    merge_passkey_depths: tuple[float, ...] = MERGE_PASSKEY_DEPTHS
+    merge_ppl_samples: int = 4
+    merge_ppl_context: int = 1536
+    merge_ppl_new: int = 512
+
+
+@dataclass
+class Variants:
+    """The base model and the shared one: one model object under a sharing context (plan), or two (export)."""
+
+    base: nn.Module
+    tokenizer: Any
+    plan: SharingPlan
+    shared_model: nn.Module | None = None  # an export; None means "base under ``plan``"
+    base_arg: str | None = None  # how a subprocess loads the base
+    shared_args: list[str] = field(default_factory=list)  # ... and the shared variant
+
+    @property
+    def name(self) -> str:
+        return model_origin(self.base).name
+
+    @contextlib.contextmanager
+    def use(self, which: str) -> Iterator[nn.Module]:
+        if which == "base" or self.shared_model is not None:
+            yield self.base if which == "base" else self.shared_model
+            return
+        with sharing(self.base, self.plan):
+            yield self.base
+
+
+def load_variants(export_dir: str | Path | None, plan: SharingPlan | str | Path | None, model: str | None,
+                  dtype: str | None = None, device: str | None = None, tmpdir: str | None = None) -> Variants:
+    """Load the base and the shared variant (an export, or the base under ``plan``), checking that they belong
+    together and that the shared one holds the KV its map implies."""
+    if (export_dir is None) == (plan is None):
+        raise KvtoolError("give an exported directory or --plan (not both)")
+    dev_args = (["--device", device] if device else []) + (["--dtype", dtype] if dtype else [])
+    if export_dir is not None:
+        side = read_sidecar(export_dir)
+        shared, tok = load(export_dir, dtype=dtype, device=device, merge=False)  # the merge task turns it on
+        base_src = model or side["base_model"].get("source")
+        base, _ = load(base_src, dtype=dtype, device=device)
+        check_fingerprint(side["base_model"]["fingerprint"], model_fingerprint(base), "this export",
+                          "pass --model BASE")
+        return Variants(base, tok, active_plan(shared), shared, base_src, ["--model", str(export_dir), *dev_args])
+    if not isinstance(plan, SharingPlan):
+        plan = SharingPlan.load(plan)
+    base_src = model if model is not None else plan.details.get("model")
+    base, tok = load(base_src, dtype=dtype, device=device)
+    check_fingerprint(plan.model_fingerprint, model_fingerprint(base), "the plan",
+                      "pass the --model it was searched on")
+    apply_sharing(base, plan)  # validates the plan for this model
+    try:
+        check_kv_in_effect(base)
+    finally:
+        remove_sharing(base)
+    tmp = tempfile.mkdtemp(prefix="kvtool-eval-", dir=tmpdir)
+    atexit.register(shutil.rmtree, tmp, True)
+    plan_file = Path(tmp) / "plan.json"
+    plan_file.write_text(plan.to_json())
+    model_args = ["--model", base_src] if base_src else []
+    return Variants(base, tok, plan, None, base_src, [*model_args, "--plan", str(plan_file), *dev_args])

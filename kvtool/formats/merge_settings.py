@@ -1,0 +1,93 @@
+"""Prompt-KV compression settings (KVMerger, or the H2O / StreamingLLM eviction baselines) and the per-layer share
+of the prompt each owner layer keeps. Pure data: the compressor that applies them is ``kvtool.merging``.
+
+``budget`` is the kept share of the prompt KV the model stores in its full-attention owner layers. Consumers store
+nothing and sliding-window layers keep their bounded window, so neither counts; the protected layers (KVMerger's
+first two and last) stay whole, and the other owners keep a proportionally smaller share so the total meets the
+budget (``layer_keep``: the one formula, used both to compress and to calibrate thresholds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from kvtool.errors import KvtoolError
+
+METHODS = ("kvmerger", "h2o", "streaming")
+# KVMerger's constants (paper: ε = 0.75, σ ≈ 5), and the tokens every method leaves whole
+DEFAULT_EPS = 0.75
+DEFAULT_SIGMA = 5.0
+DEFAULT_SINKS = 4
+DEFAULT_RECENT = 32
+DEFAULT_HEAVY = 0.25
+_INFO_KEYS = {"layer_budget"}  # written by `search --merge-budget` for reading, recomputed at load
+
+
+def protected_layers(num_layers: int) -> list[int]:
+    """KVMerger leaves the first two layers and the last one unmerged."""
+    return sorted({0, 1, num_layers - 1} & set(range(num_layers)))
+
+
+@dataclass
+class CompressionSettings:
+    method: str = "kvmerger"
+    budget: float | None = 0.5  # kept share of the prompt KV; None: merge by threshold alone (kvmerger only)
+    eps: float = DEFAULT_EPS  # KVMerger's similarity threshold when no budget (or no calibrated threshold) is given
+    sigma: float = DEFAULT_SIGMA  # Gaussian kernel width of the merge
+    sinks: int = DEFAULT_SINKS  # first real tokens never merged / always kept (StreamingLLM)
+    recent: int = DEFAULT_RECENT  # most recent prompt tokens never merged (capped at a quarter of the kept entries)
+    heavy: float = DEFAULT_HEAVY  # share of the kept entries reserved for heavy hitters (accumulated attention)
+    size_bias: bool = False  # beyond the paper: an entry of m merged tokens gets + log m on its attention logits
+    protected_layers: list[int] | None = None  # None: KVMerger's first two and last layers
+    thresholds: list[list[float] | None] | None = None  # calibrated per layer and KV head (`search --merge-budget`)
+
+    def validate(self) -> CompressionSettings:
+        if self.method not in METHODS:
+            raise KvtoolError(f"unknown compression method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.budget is None:
+            if self.method != "kvmerger":
+                raise KvtoolError(f"{self.method} needs a budget")
+        elif not 0 < self.budget <= 1:
+            raise KvtoolError(f"merge budget must be in (0, 1], got {self.budget}")
+        if self.sigma <= 0 or self.sinks < 0 or self.recent < 0 or not 0 <= self.heavy <= 0.75:
+            raise KvtoolError("compression: sigma must be > 0, sinks/recent >= 0 and heavy in [0, 0.75]")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CompressionSettings:
+        if not isinstance(d, dict):
+            raise KvtoolError("merge settings must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known - _INFO_KEYS
+        if unknown:
+            raise KvtoolError(f"merge settings: unknown key(s) {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in d.items() if k in known}).validate()
+
+
+def layer_keep(settings: CompressionSettings, kv_source_layers: list[int], layer_types: list[str] | None
+               ) -> list[float | None]:
+    """Per layer: the share of its prompt entries an owner keeps (None: not compressed)."""
+    L = len(kv_source_layers)
+    prot = set(settings.protected_layers if settings.protected_layers is not None else protected_layers(L))
+    types = layer_types or ["full_attention"] * L
+    # sliding-window layers keep their bounded window cache: the budget is over the full-attention owners
+    owners = [i for i, s in enumerate(kv_source_layers) if s == i and types[i] != "sliding_attention"]
+    merged = [i for i in owners if i not in prot]
+    keep: list[float | None] = [None] * L
+    if settings.budget is None:  # threshold mode: every merged layer compresses, by similarity alone
+        for i in merged:
+            keep[i] = 1.0
+        return keep
+    if not merged:
+        return keep
+    share = (settings.budget * len(owners) - (len(owners) - len(merged))) / len(merged)
+    if share < 0.05:
+        raise KvtoolError(f"a budget of {settings.budget} cannot be met while layers {sorted(prot)} stay whole "
+                          f"(only {len(merged)} of {len(owners)} full-attention owner layers can be compressed)")
+    for i in merged:
+        keep[i] = min(1.0, max(share, 0.0))
+    return keep

@@ -1,0 +1,139 @@
+"""The recipe of a run: which model, how it was calibrated and how the map was searched. ``kvtool.compress`` saves it
+in the export's sidecar, and ``kvtool export --recipe kvtool.json`` runs it again (calibration and search are
+deterministic, so the same inputs give a byte-identical plan)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from kvtool.errors import KvtoolError
+from kvtool.formats.plan import SharingPlan
+
+ORDERS = ("dissimilar", "similar", "random", "local", "best-first")
+LAYOUTS = ("adjacent", "tail", "grouped")
+METRICS = ("cosine", "kl")
+DISTANCES = ("euclidean", "kvsharer", "cosine")
+
+
+def _from_dict(cls, d: Any, what: str):
+    if not isinstance(d, dict):
+        raise KvtoolError(f"{what} must be a JSON object")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise KvtoolError(f"{what}: unknown key(s) {', '.join(unknown)}")
+    return cls(**d).validated()
+
+
+@dataclass
+class CalibrationSettings:
+    data: str | None = None  # None: kvtool's shipped calibration set
+    samples: int = 32
+    seq_len: int = 128
+    seed: int = 0
+    batch_size: int = 8
+
+    def validated(self) -> CalibrationSettings:
+        if self.samples < 1 or self.seq_len < 2 or self.batch_size < 1:
+            raise KvtoolError("calibration: need samples ≥ 1, seq_len ≥ 2 and batch_size ≥ 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> CalibrationSettings:
+        return _from_dict(cls, d, "calibration settings")
+
+
+@dataclass
+class SearchSettings:
+    target: float | None = 0.3  # fraction of layers that stop storing KV
+    layers: int | None = None  # or this many consumer layers
+    threshold: float | None = None  # None: 0.5 for cosine, 1.0 nats for KL
+    order: str = "best-first"
+    distance: str = "euclidean"
+    validate: str | None = None  # cosine or kl; None: kl for local/best-first, cosine for the distance orders
+    beam: int = 4
+    seed: int = 0
+    layout: str | None = None
+    group_size: int = 4
+    strict: bool = False
+    merge_budget: float | None = None
+    incremental: bool = True
+    batch_size: int = 16
+
+    def validated(self) -> SearchSettings:
+        if self.order not in ORDERS:
+            raise KvtoolError(f"unknown order {self.order!r}; use one of {', '.join(ORDERS)}")
+        if self.layout is not None and self.layout not in LAYOUTS:
+            raise KvtoolError(f"unknown layout {self.layout!r}; use one of {', '.join(LAYOUTS)}")
+        if self.validate is not None and self.validate not in METRICS:
+            raise KvtoolError(f"unknown validation metric {self.validate!r}; use one of {', '.join(METRICS)}")
+        if self.distance not in DISTANCES:
+            raise KvtoolError(f"unknown distance {self.distance!r}; use one of {', '.join(DISTANCES)}")
+        if self.target is None and self.layers is None:
+            raise KvtoolError("give --target or --layers")
+        if self.target is not None and not 0 <= self.target < 1:
+            raise KvtoolError(f"--target must be in [0, 1), got {self.target}")
+        if self.beam < 1 or self.batch_size < 1:
+            raise KvtoolError("search: beam and batch size must be ≥ 1")
+        if self.merge_budget is not None and not 0 < self.merge_budget <= 1:
+            raise KvtoolError(f"--merge-budget must be in (0, 1], got {self.merge_budget}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> SearchSettings:
+        return _from_dict(cls, d, "search settings")
+
+
+@dataclass
+class Recipe:
+    model: str | None = None  # where the base model comes from; None: the embedded default
+    dtype: str | None = None
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "dtype": self.dtype, "calibration": self.calibration.to_dict(),
+                "search": self.search.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Recipe:
+        if not isinstance(d, dict):
+            raise KvtoolError("recipe must be a JSON object")
+        unknown = sorted(set(d) - {"model", "dtype", "calibration", "search"})
+        if unknown:
+            raise KvtoolError(f"recipe: unknown key(s) {', '.join(unknown)}")
+        return cls(d.get("model"), d.get("dtype"), CalibrationSettings.from_dict(d.get("calibration", {})),
+                   SearchSettings.from_dict(d.get("search", {})))
+
+    @classmethod
+    def from_plan(cls, plan: SharingPlan) -> Recipe | None:
+        """The recipe a plan written by ``kvtool search`` records in its details (None for a hand-made plan)."""
+        det = plan.details or {}
+        cal = det.get("calibration")
+        if not isinstance(cal, dict):
+            return None
+        calibration = CalibrationSettings(data=cal.get("data"), samples=cal.get("samples", 32),
+                                          seq_len=cal.get("seq_len", 128), seed=cal.get("seed", 0))
+        if calibration.data == "default":
+            calibration.data = None
+        merge = plan.merge or {}
+        search = SearchSettings(target=plan.target, threshold=plan.threshold, seed=det.get("seed", 0),
+                                merge_budget=merge.get("budget") if merge else None)
+        if "layout" in det:
+            search.layout = det["layout"]
+            search.group_size = det.get("group_size", 4)
+        else:
+            search.order = det.get("order", search.order)
+            search.validate = det.get("validate")
+            search.beam = det.get("beam", search.beam)
+            search.incremental = det.get("incremental", True)
+            if det.get("distance") in DISTANCES:
+                search.distance = det["distance"]
+        return cls(model=det.get("model"), calibration=calibration, search=search.validated())

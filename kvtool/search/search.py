@@ -1,0 +1,136 @@
+"""``kvtool search``: find which layers give up their KV cache.
+
+KVSharer's greedy search as published: rank every pair (i < j) by the distance between the layers' calibration KV
+averages (most dissimilar first), walk the list, tentatively let j read i's KV (chains resolved to the root owner),
+keep the pair if the output stays close to the base (cosine >= T, or KL <= T), stop at the target. Other orders
+(similar, random) and fixed layouts use the same machinery, so they compare on equal terms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from kvtool.atomic import check_writable_file
+from kvtool.calibration.merge_thresholds import merge_settings
+from kvtool.errors import KvtoolError
+from kvtool.formats.plan import SharingPlan
+from kvtool.formats.recipe import SearchSettings
+from kvtool.formats.stats import CalibrationStats
+from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
+from kvtool.io.loading import model_and_tokenizer
+from kvtool.progress import Log
+from kvtool.search.layouts import layout_plan
+from kvtool.search.local_scores import local_errors
+from kvtool.search.orders import best_first, greedy, rank_pairs
+from kvtool.search.scoring import HIGHER_IS_BETTER, Scorer
+
+DEFAULT_THRESHOLD = {"cosine": 0.5, "kl": 1.0}  # cosine: the paper's T; kl: nats, a guard against ruinous maps
+
+
+def num_consumers(num_layers: int, target: float | None, layers: int | None) -> int:
+    """``round(target * L)`` consumers, or ``layers`` directly."""
+    if layers is not None:
+        n = layers
+    elif target is not None:
+        if not 0 <= target < 1:
+            raise KvtoolError(f"--target must be in [0, 1), got {target}")
+        n = round(target * num_layers)
+    else:
+        raise KvtoolError("give --target or --layers")
+    if not 0 <= n < num_layers:
+        raise KvtoolError(f"{n} consumers is impossible with {num_layers} layers (layer 0 always owns its cache)")
+    return n
+
+
+@dataclass
+class SearchResult:
+    plan: SharingPlan
+    tries: list[dict[str, Any]] = field(default_factory=list)
+    exhausted: bool = False
+    seconds: float = 0.0
+
+
+def search(
+    stats: str | Path | CalibrationStats,
+    *,
+    model=None,
+    settings: SearchSettings | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    dtype: str | None = None,
+    device: str | None = None,
+    on_try: Callable[[dict], None] | None = None,
+    warn: Log | None = None,
+    **fields: Any,
+) -> SearchResult:
+    """Search a sharing plan from calibration ``stats`` (a directory or ``CalibrationStats``) on ``model`` (a path,
+    None for the calibrated model, or a loaded model); write it to ``out`` if given. ``settings`` or keyword fields
+    of ``SearchSettings`` (target, order, threshold, ...) say how. See the module docstring."""
+    try:
+        s = replace(settings or SearchSettings(), **fields).validated()
+    except TypeError as e:
+        raise KvtoolError(f"search: {e}") from None
+    t0 = time.time()
+    if out is not None:
+        check_writable_file(out, force)
+    st = stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
+    meta = st.meta
+    types = list(meta["layer_types"])
+    L = len(types)
+    n = num_consumers(L, s.target, s.layers)
+    common = dict(target=s.target if s.layers is None else n / L, model_name=meta["model_name"],
+                  model_fingerprint=meta["model_fingerprint"], layer_types=types)
+    provenance = {"model": meta.get("model"),
+                  "calibration": {k: meta[k] for k in ("data", "data_hash", "samples", "seq_len", "seed")}}
+    if s.layout is not None:
+        plan = layout_plan(s.layout, types, n, **({"group_size": s.group_size} if s.layout == "grouped" else {}))
+        plan.target, plan.model_name, plan.model_fingerprint = common["target"], meta["model_name"], \
+            meta["model_fingerprint"]
+        plan.details.update(provenance)
+        result = SearchResult(plan=plan, seconds=time.time() - t0)
+    else:
+        model, _ = model_and_tokenizer(model, fallback=meta.get("model"), dtype=dtype, device=device,
+                                       need_tokenizer=False)
+        check_fingerprint(meta["model_fingerprint"], model_fingerprint(model), "the calibration",
+                          "recalibrate with this model")
+        order = s.order
+        validate = s.validate or ("kl" if order in ("local", "best-first") else "cosine")
+        threshold = s.threshold if s.threshold is not None else DEFAULT_THRESHOLD[validate]
+        scorer = Scorer(model, st.input_ids, st.final_hidden, metric=validate, batch_size=s.batch_size,
+                        incremental=s.incremental)
+        if order in ("local", "best-first"):
+            err = local_errors(model, st.input_ids)
+            if order == "local":
+                src, tries, exhausted = greedy(scorer, rank_pairs(err, types, "local"), n, threshold, types, on_try)
+            else:
+                src, tries, exhausted = best_first(scorer, err, n, threshold, types, s.beam, on_try)
+        else:
+            pairs = rank_pairs(st.distance(s.distance), types, order, s.seed)
+            src, tries, exhausted = greedy(scorer, pairs, n, threshold, types, on_try)
+        final = [t["score"] for t in tries if t["accepted"]]
+        score = final[-1] if final else None
+        plan = SharingPlan(src, method=f"greedy:{order}", threshold=threshold, score=score, **common,
+                           details={"order": order, "distance": s.distance if order not in ("local", "best-first")
+                                    else "local-attention-error", "validate": validate,
+                                    **({"beam": s.beam} if order == "best-first" else {}),
+                                    "higher_is_better": HIGHER_IS_BETTER[validate], "seed": s.seed,
+                                    "pairs_tried": len(tries), "incremental": s.incremental,
+                                    "layer_forwards": scorer.layer_forwards, **provenance})
+        result = SearchResult(plan=plan, tries=tries, exhausted=exhausted)
+        if exhausted:
+            msg = (f"the pair list ran out with {len(plan.consumers)} of {n} consumers accepted at threshold "
+                   f"{threshold}")
+            if s.strict:
+                raise KvtoolError(msg + " (--strict)")
+            if warn:
+                warn(msg + "; writing the best plan found")
+    if s.merge_budget is not None:
+        result.plan.merge = merge_settings(st, s.merge_budget, result.plan)
+    result.seconds = time.time() - t0
+    if out is not None:
+        result.plan.save(out, force=force)
+    return result
