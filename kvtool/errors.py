@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 class KvtoolError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
@@ -11,3 +13,8 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line reports."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:limit]
+
+
+def quoted(names) -> str:
+    """Names as they would be typed in JSON, comma-separated and sorted (safe for one-line messages)."""
+    return ", ".join(json.dumps(str(n)) for n in sorted(names, key=str))

@@ -17,7 +17,7 @@ from kvtool.formats.merge_settings import METHODS, CompressionSettings, layer_ke
 from kvtool.io.tiny import TINY_ARCHS, tiny_model
 from kvtool.merging.compressed_cache import CompressedLayer
 from kvtool.merging.compressor import active_compression, compression
-from tests.test_runtime import _plan_for
+from tests.helpers import plan_for
 
 ALL_LAYERS = dict(protected_layers=[])  # tiny models have 6 layers: protecting 3 would leave no room for a budget
 
@@ -78,7 +78,7 @@ def test_protected_layers_get_a_tighter_share_and_sharing_counts_owners():
 @torch.no_grad()
 def test_generate_with_sharing_and_compression(arch, method):
     m = tiny_model(arch)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     ids = _ids(t=30)
     mask = torch.ones_like(ids)
     mask[0, :6] = 0  # left padding
@@ -161,7 +161,7 @@ def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
 
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     plan.merge = CompressionSettings(budget=0.5, protected_layers=[]).to_dict()
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
     assert read_sidecar(tmp_path / "exp")["merge"]["budget"] == 0.5

@@ -10,22 +10,11 @@ from typer.testing import CliRunner
 
 import kvtool
 from kvtool.cli import app
-from kvtool.crosslayer.archs import layer_types
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
 from kvtool.io.tiny import TINY_ARCHS, save_tiny
-
-
-def _plan(model) -> SharingPlan:
-    lt = layer_types(model.config)
-    src = list(range(model.config.num_hidden_layers))
-    for j in (2, 4, 5):
-        for i in range(j - 1, -1, -1):
-            if lt[i] == lt[j] and src[i] == i:
-                src[j] = i
-                break
-    return SharingPlan(src, layer_types=lt)
+from tests.helpers import plan_for
 
 
 def _ids():
@@ -36,7 +25,7 @@ def _ids():
 def test_round_trip_every_architecture(arch, tmp_path):
     d = save_tiny(tmp_path / "base", arch)
     m, tok = kvtool.load(d)
-    plan = _plan(m)
+    plan = plan_for(m)
     with torch.no_grad(), kvtool.sharing(m, plan):
         ref = m(_ids()).logits
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
@@ -56,7 +45,7 @@ def test_round_trip_every_architecture(arch, tmp_path):
 def test_checkpoint_drops_exactly_the_consumer_kv(tmp_path):
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
-    plan = _plan(m)
+    plan = plan_for(m)
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
     base = load_file(str(d / "model.safetensors"))
     exp = load_file(str(tmp_path / "exp" / "model.safetensors"))
@@ -74,7 +63,7 @@ def test_checkpoint_drops_exactly_the_consumer_kv(tmp_path):
 def exported(tmp_path):
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
-    export(_plan(m), model=m, tokenizer=tok, out=tmp_path / "exp")
+    export(plan_for(m), model=m, tokenizer=tok, out=tmp_path / "exp")
     return tmp_path / "exp"
 
 
@@ -120,7 +109,7 @@ def test_modified_weights_fail_the_fingerprint(exported):
 def test_plan_for_another_model(tmp_path):
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
-    plan = _plan(m)
+    plan = plan_for(m)
     plan.model_fingerprint = "0123456789abcdef"
     with pytest.raises(KvtoolError, match="another model"):
         export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
@@ -136,7 +125,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(type(tok), "save_pretrained", boom)
     with pytest.raises(KeyboardInterrupt):
-        export(_plan(m), model=m, tokenizer=tok, out=tmp_path / "exp")
+        export(plan_for(m), model=m, tokenizer=tok, out=tmp_path / "exp")
     assert not (tmp_path / "exp").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["base"]  # no temp dir left behind
 
@@ -144,7 +133,7 @@ def test_interrupted_export_leaves_nothing(tmp_path, monkeypatch):
 def test_load_with_plan_on_the_fly(tmp_path):
     d = save_tiny(tmp_path / "base", "llama")
     m, _ = kvtool.load(d)
-    plan = _plan(m)
+    plan = plan_for(m)
     plan.save(tmp_path / "p.json")
     with torch.no_grad(), kvtool.sharing(m, plan):
         ref = m(_ids()).logits
@@ -156,7 +145,7 @@ def test_load_with_plan_on_the_fly(tmp_path):
 def test_cli_export_and_generate(tmp_path):
     d = save_tiny(tmp_path / "base", "llama")
     m, _ = kvtool.load(d)
-    _plan(m).save(tmp_path / "p.json")
+    plan_for(m).save(tmp_path / "p.json")
     runner = CliRunner()
     r = runner.invoke(app, ["export", "--plan", str(tmp_path / "p.json"), "--model", str(d), "--out",
                             str(tmp_path / "exp")])

@@ -21,14 +21,15 @@ from kvtool.errors import KvtoolError
 from kvtool.io.export import export
 from kvtool.io.tiny import TINY_ARCHS, save_tiny, tiny_model
 from kvtool.merging.compressor import compression
-from tests.test_runtime import _ids, _plan_for
+from tests.helpers import ids as _ids
+from tests.helpers import plan_for
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @torch.no_grad()
 def test_generate_holds_the_owners_share_and_equals_token_by_token_decoding(arch):
     m = tiny_model(arch, max_position_embeddings=512)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     ids = _ids(1, 6)
     L = m.config.num_hidden_layers
     with sharing(m, plan):
@@ -61,7 +62,7 @@ def test_install_refuses_an_attention_forward_without_a_known_cache_argument(mon
 
     monkeypatch.setattr(modeling_llama.LlamaAttention, "forward", forward)
     with pytest.raises(KvtoolError) as e:
-        apply_sharing(m, _plan_for(m))
+        apply_sharing(m, plan_for(m))
     msg = str(e.value)
     assert "\n" not in msg and transformers.__version__ in msg and sa.TESTED_TRANSFORMERS in msg
     assert "LlamaAttention.forward takes no cache argument" in msg
@@ -70,7 +71,7 @@ def test_install_refuses_an_attention_forward_without_a_known_cache_argument(mon
 
 def test_a_cache_under_an_unknown_keyword_is_an_error():
     m = tiny_model("llama")
-    apply_sharing(m, _plan_for(m))
+    apply_sharing(m, plan_for(m))
     attn = m.model.layers[0].self_attn
     h = torch.zeros(1, 3, m.config.hidden_size)
     pos = m.model.rotary_emb(h, torch.arange(3)[None])
@@ -99,7 +100,7 @@ def test_load_eval_and_generate_refuse_a_runtime_that_stores_no_kv(tmp_path, mon
 
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
     plan.save(tmp_path / "plan.json")
     monkeypatch.setattr(sa, "attention_forward", _drop_cache)
@@ -120,7 +121,7 @@ def test_load_eval_and_generate_refuse_a_runtime_that_stores_no_kv(tmp_path, mon
 def test_remote_code_generate_equals_kvtool_load(arch, tmp_path):
     d = save_tiny(tmp_path / "base", arch)
     m, tok = kvtool.load(d)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
     ours, _ = kvtool.load(tmp_path / "exp")
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "exp", trust_remote_code=True).eval()
@@ -136,7 +137,7 @@ def test_remote_code_generate_equals_kvtool_load(arch, tmp_path):
 def test_remote_code_refuses_weights_that_do_not_match_its_map(tmp_path):
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
-    export(_plan_for(m), model=m, tokenizer=tok, out=tmp_path / "exp")
+    export(plan_for(m), model=m, tokenizer=tok, out=tmp_path / "exp")
     other = [0, 1, 2, 2, 4, 4]  # layers 3 and 5 read, 2 and 4 own: weights for 3/5 exist, for 4 do not
     for name in ("config.json", "kvtool.json"):
         d_ = json.loads((tmp_path / "exp" / name).read_text())
@@ -154,7 +155,7 @@ def test_remote_code_refuses_weights_that_do_not_match_its_map(tmp_path):
 def test_remote_code_refuses_an_unsupported_transformers(tmp_path, monkeypatch):
     d = save_tiny(tmp_path / "base", "llama")
     m, tok = kvtool.load(d)
-    export(_plan_for(m), model=m, tokenizer=tok, out=tmp_path / "exp")
+    export(plan_for(m), model=m, tokenizer=tok, out=tmp_path / "exp")
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, kv_store=None, **kwargs):
         raise AssertionError("never called")

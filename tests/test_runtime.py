@@ -7,32 +7,13 @@ import torch
 from transformers import DynamicCache
 
 from kvtool.compat import cache_kwargs, output_cache
-from kvtool.crosslayer.archs import layer_types
+from kvtool.crosslayer.kv_check import kv_bytes
 from kvtool.crosslayer.runtime import apply_sharing, remove_sharing, sharing
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.tiny import TINY_ARCHS, tiny_model
-
-
-def _plan_for(model, consumers=(2, 4, 5)) -> SharingPlan:
-    """Each consumer reads the nearest earlier owner of its own attention type."""
-    lt = layer_types(model.config)
-    src = list(range(model.config.num_hidden_layers))
-    for j in consumers:
-        for i in range(j - 1, -1, -1):
-            if lt[i] == lt[j] and src[i] == i:
-                src[j] = i
-                break
-    return SharingPlan(src)
-
-
-def _ids(b=2, t=20, seed=0):
-    return torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(seed))
-
-
-def _kv_bytes(cache) -> int:
-    return sum(t.numel() * t.element_size() for layer in cache.layers
-               for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if isinstance(t, torch.Tensor))
+from tests.helpers import ids as _ids
+from tests.helpers import plan_for
 
 
 @pytest.fixture(params=TINY_ARCHS)
@@ -53,7 +34,7 @@ def test_identity_plan_is_bit_identical(arch):
 @torch.no_grad()
 def test_cached_token_by_token_equals_one_forward_without_cache(arch):
     m = tiny_model(arch)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     ids = _ids(t=20)  # longer than the tiny sliding window (8) of Gemma
     with sharing(m, plan):
         full = m(ids, use_cache=False).logits
@@ -79,7 +60,7 @@ def _unshared_logits(m, ids):
 @torch.no_grad()
 def test_consumers_never_run_kv_projections(arch):
     m = tiny_model(arch)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     calls: dict[str, int] = {}
     hooks = []
     for i, layer in enumerate(m.model.layers):
@@ -105,13 +86,13 @@ def test_consumers_never_run_kv_projections(arch):
 @torch.no_grad()
 def test_cache_bytes_equal_the_owners_share(arch):
     m = tiny_model(arch, max_position_embeddings=512)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     ids = _ids(t=6)  # shorter than the sliding window so every layer holds the same number of tokens
     base = output_cache(m.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True))
     with sharing(m, plan):
         shared = output_cache(m.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True))
     L = m.config.num_hidden_layers
-    assert _kv_bytes(shared) * L == _kv_bytes(base) * (L - len(plan.consumers))
+    assert kv_bytes(shared) * L == kv_bytes(base) * (L - len(plan.consumers))
     assert [type(x).__name__ == "DummyLayer" for x in shared.layers] == [j in plan.consumers for j in range(L)]
 
 
@@ -120,7 +101,7 @@ def test_context_manager_restores_the_original(arch):
     m = tiny_model(arch)
     ids = _ids()
     before = m(ids).logits
-    with sharing(m, _plan_for(m)):
+    with sharing(m, plan_for(m)):
         inside = m(ids).logits
     after = m(ids).logits
     assert not torch.equal(before, inside)
@@ -131,7 +112,7 @@ def test_context_manager_restores_the_original(arch):
 @torch.no_grad()
 def test_generate_paths(arch):
     m = tiny_model(arch)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     apply_sharing(m, plan)
     ids = _ids(1, 6)
     greedy = m.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
@@ -151,7 +132,7 @@ def test_generate_paths(arch):
 @torch.no_grad()
 def test_left_padded_batch_matches_single_sequences(arch):
     m = tiny_model(arch)
-    apply_sharing(m, _plan_for(m))
+    apply_sharing(m, plan_for(m))
     a, b = _ids(1, 10, seed=1), _ids(1, 6, seed=2)
     pad = m.config.pad_token_id
     batch = torch.cat([a, torch.cat([torch.full((1, 4), pad), b], 1)])
@@ -167,7 +148,7 @@ def test_left_padded_batch_matches_single_sequences(arch):
 @torch.no_grad()
 def test_eager_attention_returns_consumer_attentions(arch):
     m = tiny_model(arch, attn_implementation="eager")
-    plan = _plan_for(m)
+    plan = plan_for(m)
     ids = _ids()
     with sharing(m, plan):
         out = m(ids, output_attentions=True, use_cache=False)
@@ -184,7 +165,7 @@ def test_eager_attention_returns_consumer_attentions(arch):
 @torch.no_grad()
 def test_dropped_kv_weights_change_nothing(arch):
     m = tiny_model(arch)
-    plan = _plan_for(m)
+    plan = plan_for(m)
     ids = _ids()
     with sharing(m, plan):
         ref = m(ids).logits

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from kvtool.errors import KvtoolError
+from kvtool.errors import KvtoolError, quoted
 
 METHODS = ("kvmerger", "h2o", "streaming")
 # KVMerger's constants (paper: ε = 0.75, σ ≈ 5), and the tokens every method leaves whole
@@ -64,7 +64,7 @@ class CompressionSettings:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known - _INFO_KEYS
         if unknown:
-            raise KvtoolError(f"merge settings: unknown key(s) {', '.join(sorted(unknown))}")
+            raise KvtoolError(f"merge settings: unknown key(s) {quoted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known}).validate()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.atomic import check_writable_file, write_bytes_atomic
-from kvtool.errors import KvtoolError
+from kvtool.errors import KvtoolError, quoted
 from kvtool.formats.merge_settings import CompressionSettings
 
 PLAN_VERSION = 1
@@ -127,7 +127,7 @@ class SharingPlan:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise KvtoolError(f"plan: unknown key(s) {', '.join(unknown)}")
+            raise KvtoolError(f"plan: unknown key(s) {quoted(unknown)}")
         if "kv_source_layers" not in d:
             raise KvtoolError("plan: missing kv_source_layers")
         if "version" in d and d["version"] != PLAN_VERSION:

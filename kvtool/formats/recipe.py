@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from kvtool.errors import KvtoolError
+from kvtool.errors import KvtoolError, quoted
 from kvtool.formats.plan import SharingPlan
 
 ORDERS = ("dissimilar", "similar", "random", "local", "best-first")
@@ -22,7 +22,7 @@ def _from_dict(cls, d: Any, what: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise KvtoolError(f"{what}: unknown key(s) {', '.join(unknown)}")
+        raise KvtoolError(f"{what}: unknown key(s) {quoted(unknown)}")
     return cls(**d).validated()
 
 
@@ -108,7 +108,7 @@ class Recipe:
             raise KvtoolError("recipe must be a JSON object")
         unknown = sorted(set(d) - {"model", "dtype", "calibration", "search"})
         if unknown:
-            raise KvtoolError(f"recipe: unknown key(s) {', '.join(unknown)}")
+            raise KvtoolError(f"recipe: unknown key(s) {quoted(unknown)}")
         return cls(d.get("model"), d.get("dtype"), CalibrationSettings.from_dict(d.get("calibration", {})),
                    SearchSettings.from_dict(d.get("search", {})))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.atomic import write_json_atomic
-from kvtool.errors import KvtoolError
+from kvtool.errors import KvtoolError, quoted
 from kvtool.formats.plan import SharingPlan
 
 SIDECAR = "kvtool.json"
@@ -32,7 +32,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
         raise KvtoolError(f"{p}: format version {d.get('format_version')} is not supported")
     unknown = set(d) - SIDECAR_KEYS
     if unknown:
-        raise KvtoolError(f"{p}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise KvtoolError(f"{p}: unknown key(s) {quoted(unknown)}")
     base = d.get("base_model")
     if not isinstance(base, dict) or not isinstance(base.get("model_type"), str):
         raise KvtoolError(f"{p}: base_model.model_type missing")
@@ -44,7 +44,7 @@ def write_sidecar(path: str | Path, sidecar: dict[str, Any]) -> None:
     """Write ``DIR/kvtool.json`` atomically (after the same validation as on read)."""
     unknown = set(sidecar) - SIDECAR_KEYS
     if unknown:
-        raise KvtoolError(f"sidecar: unknown key(s) {', '.join(sorted(unknown))}")
+        raise KvtoolError(f"sidecar: unknown key(s) {quoted(unknown)}")
     write_json_atomic(Path(path) / SIDECAR, sidecar)
 
 
