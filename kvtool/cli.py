@@ -345,7 +345,12 @@ def eval_(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full report here")] = None,
     plots: Annotated[Path | None, typer.Option(help="directory for PNG plots")] = None,
     stats: Annotated[Path | None, typer.Option(help="calibration dir for the distance heatmap")] = None,
-    lm_eval: Annotated[str | None, typer.Option("--lm-eval", help="lm-evaluation-harness tasks, comma list")] = None,
+    lm_eval: Annotated[str | None, typer.Option(
+        "--lm-eval", help="lm-evaluation-harness tasks, comma list, run offline on both models: kvtool_pydoc_ppl, "
+                          "kvtool_passkey, kvtool_pydoc_next (shipped) or any harness task whose data is in the "
+                          "local Hugging Face cache; needs pip install 'kvtool[eval]'")] = None,
+    lm_eval_limit: Annotated[int | None, typer.Option("--lm-eval-limit", min=1, help="at most N documents per "
+                                                                                      "lm-eval task")] = None,
     merge_budget: Annotated[list[float] | None, typer.Option(
         "--merge-budget", help="compare KV merging with H2O/StreamingLLM eviction at this share of the prompt KV "
                                "(repeat the option; default: the plan's merge budget)")] = None,
@@ -395,12 +400,15 @@ def eval_(
     task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
     rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, data=data, settings=settings,
                    json_out=json_out, plots=plots, stats=stats,
-                   lm_eval_tasks=[t for t in (lm_eval or "").split(",") if t], merge_budgets=merge_budget,
+                   lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
+                   lm_eval_limit=lm_eval_limit, merge_budgets=merge_budget,
                    merge_methods=tuple(x.strip() for x in merge_methods.split(",") if x.strip()), force=force,
                    dtype=dtype, device=device, log=log)
     out.print(report_table(rep))
     if "merge" in rep["tasks"]:
         out.print(merge_table(rep["tasks"]["merge"]))
+    if "lm_eval" in rep["tasks"]:
+        out.print(lm_eval_table(rep["tasks"]["lm_eval"]))
     if json_out:
         out.print(f"report: {json_out}")
     for name, path in rep.get("plots", {}).items():
@@ -484,6 +492,24 @@ def merge_table(mr: dict):
     for r in mr["rows"]:
         t.add_row(r["variant"], r["method"], "-" if r["budget"] is None else f"{r['budget']:g}",
                   f"{r['kv_ratio']:.3f}", f"{r['passkey']:.2f}", f"{r['ppl']:.2f}")
+    return t
+
+
+def lm_eval_table(le: dict):
+    """One row per lm-evaluation-harness task × metric, base and shared side by side."""
+    from rich.table import Table
+
+    limit = f", at most {le['limit']} documents per task" if le.get("limit") else ""
+    t = Table(title=f"lm-evaluation-harness {le['lm_eval_version']} (offline{limit})", title_justify="left")
+    for c in ("task", "metric", "base", "shared", "shared/base"):
+        t.add_column(c, justify="left" if c in ("task", "metric") else "right", no_wrap=c == "task")
+    f = lambda x: "-" if x is None else f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"  # noqa: E731
+    for task, r in le["tasks"].items():
+        docs = f"{r['samples']} docs" if r["samples"] else ""
+        labels = [task, docs] if len(r["metrics"]) > 1 else [f"{task}\n{docs}".strip()]
+        for i, (name, m) in enumerate(r["metrics"].items()):
+            b, s = m["base"], m["shared"]
+            t.add_row(labels[i] if i < len(labels) else "", name, f(b), f(s), f(s / b) if b and s is not None else "")
     return t
 
 

@@ -51,29 +51,47 @@ def test_incremental_scores_equal_full_scores(llama_stats):
     inc = Scorer(m, st.input_ids, st.final_hidden, incremental=True, **kw)
     full = Scorer(m, st.input_ids, st.final_hidden, incremental=False, **kw)
     base = SharingPlan.identity(8)
-    assert inc.reset(base) == pytest.approx(1.0, abs=1e-5)
-    full.reset(base)
+    s_inc = inc.initial(base)
+    s_full = full.initial(base)
+    assert s_inc.value == pytest.approx(1.0, abs=1e-5)
     p1 = SharingPlan([0, 1, 2, 3, 4, 2, 6, 7])
-    a, ta = inc.score(p1, start=5)
-    b, tb = full.score(p1)
-    assert a == pytest.approx(b, abs=1e-5)
-    inc.accept(ta)
-    full.accept(tb)
+    a, b = inc.score(s_inc, p1, start=5), full.score(s_full, p1)
+    assert a.value() == pytest.approx(b.value(), abs=1e-5)
+    s_inc, s_full = inc.advance(s_inc, a), full.advance(s_full, b)
     p2 = SharingPlan([0, 1, 2, 1, 4, 2, 6, 1])
-    assert inc.score(p2)[0] == pytest.approx(full.score(p2)[0], abs=1e-5)
+    assert inc.score(s_inc, p2).value() == pytest.approx(full.score(s_full, p2).value(), abs=1e-5)
     assert inc.layer_forwards < full.layer_forwards
     # the score is the real output cosine of the shared model
     with torch.no_grad(), sharing(m, p2):
         h = m.model(input_ids=st.input_ids).last_hidden_state
     expect = torch.nn.functional.cosine_similarity(h.flatten(1), st.final_hidden.flatten(1)).mean()
-    assert inc.score(p2)[0] == pytest.approx(float(expect), abs=1e-5)
+    assert inc.score(s_inc, p2).value() == pytest.approx(float(expect), abs=1e-5)
+    # scoring on some batches, then completing, gives the same score and state as scoring on all at once
+    part = inc.score(s_inc, p2, batches=[0])
+    assert sorted(part.vals) == [0]
+    whole = inc.complete(s_inc, part)
+    assert whole.value() == pytest.approx(inc.score(s_inc, p2).value(), abs=1e-6)
+    assert inc.advance(s_inc, whole).value == pytest.approx(whole.value())
+    with pytest.raises(RuntimeError, match="every batch"):
+        inc.advance(s_inc, inc.score(s_inc, p2, batches=[1]))
 
 
 def test_kl_metric_is_zero_for_identity(llama_stats):
     m, st = llama_stats
     s = Scorer(m, st.input_ids, st.final_hidden, metric="kl", batch_size=4)
-    assert s.reset(SharingPlan.identity(8)) == pytest.approx(0.0, abs=1e-6)
-    assert s.score(SharingPlan([0, 0, 2, 3, 4, 5, 6, 7]))[0] > 0
+    state = s.initial(SharingPlan.identity(8))
+    assert state.value == pytest.approx(0.0, abs=1e-6)
+    plan = SharingPlan([0, 0, 2, 3, 4, 5, 6, 7])
+    value = s.score(state, plan).value()
+    # the same KL computed directly from full forwards at the scorer's positions
+    from kvtool.metrics import kl_per_sample, logits_from_hidden
+
+    with torch.no_grad():
+        base = torch.log_softmax(logits_from_hidden(m, st.final_hidden[:, s.kl_pos]), -1)
+        with sharing(m, plan):
+            h = m.model(input_ids=st.input_ids).last_hidden_state[:, s.kl_pos]
+        expect = kl_per_sample(base, logits_from_hidden(m, h)).mean()
+    assert value > 0 and value == pytest.approx(float(expect), rel=1e-4)
 
 
 def test_greedy_walks_in_order_and_stops_at_target(llama_stats):

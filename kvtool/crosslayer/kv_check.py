@@ -16,6 +16,7 @@ from kvtool.crosslayer.archs import kv_dims, layer_types
 from kvtool.crosslayer.runtime import sharing_state
 from kvtool.errors import KvtoolError
 from kvtool.formats.cache_size import stored_entries
+from kvtool.formats.merge_settings import CompressionSettings, layer_keep
 
 
 def layer_bytes(cache) -> list[int]:
@@ -52,6 +53,19 @@ def entry_bytes(model: nn.Module, batch: int = 1) -> int:
     heads, head_dim = kv_dims(model.config)
     elem = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
     return 2 * heads * head_dim * elem * batch
+
+
+def implied_bytes(model: nn.Module, kv_source_layers: list[int] | None, merge: CompressionSettings | None,
+                  batch: int, prompt: int, new: int = 0) -> int | None:
+    """KV bytes a map (None: the unshared model) and a merge setting imply for ``batch`` sequences of ``prompt``
+    tokens plus ``new`` decoded ones (None when KVMerger runs by threshold alone: data-dependent)."""
+    cfg = model.config
+    types = layer_types(cfg)
+    src = list(kv_source_layers) if kv_source_layers is not None else list(range(cfg.num_hidden_layers))
+    keep = None if merge is None else layer_keep(merge, src, types)
+    entries = stored_entries(src, types, getattr(cfg, "sliding_window", None), prompt, new, keep,
+                             threshold_mode=merge is not None and merge.budget is None)
+    return None if None in entries else sum(entries) * entry_bytes(model, batch)
 
 
 def check_layer_bytes(model: nn.Module, got: list[int], prompt: int, new: int = 0, batch: int = 1) -> None:

@@ -17,12 +17,13 @@ from kvtool.calibration.calibrate import collect_stats
 from kvtool.data.texts import eval_prompts, heldout_chunks, load_chunks
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.generations import generations
-from kvtool.evaluation.lm_eval import run_lm_eval
+from kvtool.evaluation.lm_eval import require_lm_eval, run_lm_eval
 from kvtool.evaluation.memory_speed import memory_speed
 from kvtool.evaluation.merge_task import compare_compression
 from kvtool.evaluation.passkey import passkey
 from kvtool.evaluation.quality import quality
-from kvtool.evaluation.variants import TASKS, EvalSettings, Variants, load_variants
+from kvtool.evaluation.serve import serve
+from kvtool.evaluation.variants import DEFAULT_TASKS, TASKS, EvalSettings, Variants, load_variants
 from kvtool.formats.merge_settings import METHODS, CompressionSettings
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.sidecar import update_sidecar
@@ -37,13 +38,14 @@ def evaluate(
     *,
     plan: SharingPlan | str | Path | None = None,
     model: str | None = None,
-    tasks: tuple[str, ...] = TASKS,
+    tasks: tuple[str, ...] = DEFAULT_TASKS,
     data: str | None = None,
     settings: EvalSettings | None = None,
     json_out: str | Path | None = None,
     plots: str | Path | None = None,
     stats: str | Path | None = None,
     lm_eval_tasks: list[str] | None = None,
+    lm_eval_limit: int | None = None,
     merge_budgets: list[float] | None = None,
     merge_methods: tuple[str, ...] | None = None,
     force: bool = False,
@@ -57,9 +59,13 @@ def evaluate(
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise KvtoolError(f"unknown task(s) {', '.join(sorted(unknown))}; choose from {', '.join(TASKS)}")
+    if "serve" in tasks and not s.serve_kv_budget:
+        raise KvtoolError("the serve task needs a KV budget (--kv-budget, e.g. 256MiB)")
     if json_out is not None:
         check_writable_file(json_out, force)
     say = log or silent
+    if lm_eval_tasks:
+        require_lm_eval()
     v = load_variants(export_dir, plan, model, dtype, device)
     report: dict[str, Any] = {
         "model": v.name,
@@ -99,8 +105,16 @@ def evaluate(
                 passkey_depths=s.merge_passkey_depths, ppl_samples=s.merge_ppl_samples,
                 ppl_context=s.merge_ppl_context, ppl_new=s.merge_ppl_new, data=data, base_settings=plan_merge,
                 log=say)
+    if "serve" in tasks:
+        plan_merge = CompressionSettings.from_dict(v.plan.merge) if v.plan.merge else None
+        merge = plan_merge or (CompressionSettings(budget=merge_budgets[0]) if merge_budgets else None)
+        say(f"throughput within {s.serve_kv_budget / 2**20:.0f} MiB of KV cache ({s.serve_prompt} prompt + "
+            f"{s.serve_new} new tokens, {s.serve_repeats} runs each, fresh processes)")
+        T["serve"] = serve(v, s.serve_kv_budget, prompt=s.serve_prompt, new=s.serve_new, repeats=s.serve_repeats,
+                           merge=merge, log=say)
     if lm_eval_tasks:
-        T["lm_eval"] = run_lm_eval(v, lm_eval_tasks, say)
+        T["lm_eval"] = run_lm_eval(v, lm_eval_tasks, limit=lm_eval_limit, passkey_lengths=s.passkey_lengths,
+                                   passkey_depths=s.passkey_depths, log=say)
     if plots is not None:
         report["plots"] = _plots(v, Path(plots), stats, force)
     report["wall_time_s"] = round(time.time() - t0, 1)
@@ -123,6 +137,9 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         out["decode_speed_ratio"] = T["speed"]["decode_tok_s"]["ratio"]
     if "passkey" in T:
         out["passkey"] = T["passkey"]["accuracy"]
+    if "serve" in T:
+        sh = T["serve"]["rows"]["shared"]
+        out.update(serve_max_batch_ratio=sh["max_batch_ratio"], serve_tok_s_ratio=sh["gen_tok_s_ratio"])
     return out
 
 

@@ -9,18 +9,17 @@ import subprocess
 import sys
 from typing import Any
 
-from kvtool.crosslayer.archs import layer_types
-from kvtool.crosslayer.kv_check import entry_bytes
+from kvtool.crosslayer.kv_check import implied_bytes
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.variants import EvalSettings, Variants
-from kvtool.formats.cache_size import stored_entries
-from kvtool.formats.merge_settings import CompressionSettings, layer_keep
+from kvtool.formats.merge_settings import CompressionSettings
 from kvtool.io.devices import model_device
 
 
-def probe(args: list[str], s: EvalSettings) -> dict:
-    cmd = [sys.executable, "-m", "kvtool.evaluation.probe", *args, "--batch", str(s.speed_batch), "--prompt",
-           str(s.speed_prompt), "--new", str(s.speed_new)]
+def probe(args: list[str], batch: int, prompt: int, new: int) -> dict:
+    """One run of ``kvtool.evaluation.probe`` in a fresh process; its JSON result."""
+    cmd = [sys.executable, "-m", "kvtool.evaluation.probe", *args, "--batch", str(batch), "--prompt", str(prompt),
+           "--new", str(new)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
@@ -31,11 +30,12 @@ def probe(args: list[str], s: EvalSettings) -> dict:
 def probe_runs(v: Variants, s: EvalSettings) -> dict[str, list[dict]]:
     """``speed_repeats`` probe runs per variant, alternating which goes first; refuses KV figures the plan cannot
     produce."""
-    base_args = ["--model", v.base_arg] if v.base_arg else []
+    base_args = v.base_args
     runs: dict[str, list[dict]] = {"base": [], "shared": []}
     for r in range(s.speed_repeats):
         for which in ("base", "shared") if r % 2 == 0 else ("shared", "base"):
-            runs[which].append(probe(base_args if which == "base" else v.shared_args, s))
+            runs[which].append(probe(base_args if which == "base" else v.shared_args, s.speed_batch, s.speed_prompt,
+                                     s.speed_new))
     for which, rs in runs.items():
         want = implied_kv_bytes(v, s, which)
         for run in rs:
@@ -50,21 +50,10 @@ def probe_runs(v: Variants, s: EvalSettings) -> dict[str, list[dict]]:
 def implied_kv_bytes(v: Variants, s: EvalSettings, which: str) -> tuple[int, int] | None:
     """KV bytes after the probe's prefill and after its decode, as the plan (and its merge setting, which the probe's
     ``kvtool.load`` turns on) implies them for ``which`` variant."""
-    cfg = v.base.config
-    types = layer_types(cfg)
-    src = list(range(cfg.num_hidden_layers)) if which == "base" else v.plan.kv_source_layers
-    keep, thr = None, False
-    if which == "shared" and v.plan.merge:
-        cs = CompressionSettings.from_dict(v.plan.merge)
-        keep, thr = layer_keep(cs, src, types), cs.budget is None
-    per = entry_bytes(v.base, s.speed_batch)
-    out = []
-    for new in (0, s.speed_new):
-        entries = stored_entries(src, types, getattr(cfg, "sliding_window", None), s.speed_prompt, new, keep, thr)
-        if None in entries:  # KVMerger by threshold alone is data-dependent: the probe's own layer check stands
-            return None
-        out.append(sum(entries) * per)
-    return out[0], out[1]
+    src = None if which == "base" else v.plan.kv_source_layers
+    merge = CompressionSettings.from_dict(v.plan.merge) if which == "shared" and v.plan.merge else None
+    out = [implied_bytes(v.base, src, merge, s.speed_batch, s.speed_prompt, new) for new in (0, s.speed_new)]
+    return None if None in out else (out[0], out[1])
 
 
 def _median(runs: list[dict], key: str) -> float:

@@ -1,7 +1,9 @@
 """Memory and speed of one model variant, measured in a fresh process (so peak RSS belongs to that variant alone).
 
-    python -m kvtool.evaluation.probe --model M [--plan P] --batch B --prompt T --new N [--device D] [--dtype X]
-prints one JSON line: KV-cache bytes after prefill and after decode, prefill s, decode tokens/s, peak RSS / GPU MiB.
+    python -m kvtool.evaluation.probe --model M [--plan P] --batch B --prompt T --new N [--merge JSON|off]
+        [--device D] [--dtype X]
+prints one JSON line: KV-cache bytes after prefill and after decode (each checked against the map), prefill s,
+decode tokens/s, generated tokens/s (prefill included), peak RSS / GPU MiB.
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def measure(model, batch: int, prompt: int, new: int, seed: int = 0) -> dict:
     sync()
     decode = time.perf_counter() - t0
     check_layer_bytes(model, layer_bytes(cache), prompt, new, batch=batch)
-    res = {"kv_bytes_prefill": after_prefill, "kv_bytes": kv_bytes(cache), "prefill_s": prefill,
+    res = {"kv_bytes_prefill": after_prefill, "kv_bytes": kv_bytes(cache), "prefill_s": prefill, "decode_s": decode,
            "prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * new / max(decode, 1e-9),
+           "gen_tok_s": batch * new / (prefill + decode),
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     hwm = _status_kib("VmHWM")
     if reset and hwm is not None and rss_before is not None:
@@ -92,9 +95,11 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--device")
     ap.add_argument("--dtype")
+    ap.add_argument("--merge", help="prompt compression: a JSON object of CompressionSettings, or 'off'")
     a = ap.parse_args()
     torch.manual_seed(0)
-    model, _ = load(a.model, plan=a.plan, dtype=a.dtype, device=a.device)
+    merge = None if a.merge is None else False if a.merge == "off" else json.loads(a.merge)
+    model, _ = load(a.model, plan=a.plan, dtype=a.dtype, device=a.device, merge=merge)
     print(json.dumps(measure(model, a.batch, a.prompt, a.new)))
 
 

@@ -22,7 +22,8 @@ from kvtool.formats.sidecar import read_sidecar
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import load, model_origin
 
-TASKS = ("ppl", "fidelity", "generate", "passkey", "memory", "speed", "merge")
+DEFAULT_TASKS = ("ppl", "fidelity", "generate", "passkey", "memory", "speed", "merge")
+TASKS = (*DEFAULT_TASKS, "serve")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class EvalSettings:
     merge_ppl_samples: int = 4
     merge_ppl_context: int = 1536
     merge_ppl_new: int = 512
+    serve_kv_budget: int | None = None  # bytes of KV cache the serve task fits its batches into
+    serve_prompt: int = 512
+    serve_new: int = 64
+    serve_repeats: int = 3
 
 
 @dataclass
@@ -53,6 +58,11 @@ class Variants:
     shared_model: nn.Module | None = None  # an export; None means "base under ``plan``"
     base_arg: str | None = None  # how a subprocess loads the base
     shared_args: list[str] = field(default_factory=list)  # ... and the shared variant
+
+    @property
+    def base_args(self) -> list[str]:
+        """How a subprocess (``kvtool.evaluation.probe``) loads the base."""
+        return ["--model", self.base_arg] if self.base_arg else []
 
     @property
     def name(self) -> str:

@@ -62,7 +62,9 @@ class SearchSettings:
     strict: bool = False
     merge_budget: float | None = None
     incremental: bool = True
-    batch_size: int = 16
+    batch_size: int = 16  # calibration chunks per scoring forward
+    screen: int = 0  # best-first: compare candidates on this many scoring batches first (0: on all of them)
+    precision: str = "model"  # scoring forwards in the model's own dtype, or "bfloat16" (a bf16 copy on CPU)
 
     def validated(self) -> SearchSettings:
         if self.order not in ORDERS:
@@ -77,8 +79,10 @@ class SearchSettings:
             raise KvtoolError("give --target or --layers")
         if self.target is not None and not 0 <= self.target < 1:
             raise KvtoolError(f"--target must be in [0, 1), got {self.target}")
-        if self.beam < 1 or self.batch_size < 1:
-            raise KvtoolError("search: beam and batch size must be ≥ 1")
+        if self.precision not in ("model", "bfloat16"):
+            raise KvtoolError(f"unknown scoring precision {self.precision!r}; use model or bfloat16")
+        if self.beam < 1 or self.batch_size < 1 or self.screen < 0:
+            raise KvtoolError("search: beam and batch size must be ≥ 1, screen ≥ 0")
         if self.merge_budget is not None and not 0 < self.merge_budget <= 1:
             raise KvtoolError(f"--merge-budget must be in (0, 1], got {self.merge_budget}")
         return self

@@ -50,8 +50,8 @@ def greedy(scorer: Scorer, pairs: list[tuple[int, int]], n: int, threshold: floa
            on_try: Callable[[dict], None] | None = None) -> tuple[list[int], list[dict], bool]:
     """Walk ``pairs``; keep each that passes the threshold; stop at ``n`` consumers. Returns (src, tries, exhausted)."""
     L = len(types)
-    src = list(range(L))
-    scorer.reset(SharingPlan(src))
+    state = scorer.initial(SharingPlan(list(range(L))))
+    src = state.plan.kv_source_layers
     tries: list[dict] = []
     for i, j in pairs:
         if num_consumers_of(src) >= n:
@@ -59,10 +59,11 @@ def greedy(scorer: Scorer, pairs: list[tuple[int, int]], n: int, threshold: floa
         if src[j] != j or types[src[i]] != types[j]:
             continue
         cand = with_pair(src, i, j)
-        value, token = scorer.score(SharingPlan(cand), start=j)
+        scored = scorer.score(state, SharingPlan(cand), start=j)
+        value = scored.value()
         ok = scorer.passes(value, threshold)
         if ok:
-            scorer.accept(token)
+            state = scorer.advance(state, scored)
             src = cand
         rec = {"i": i, "j": j, "source": cand[j], "score": round(value, 6), "accepted": ok,
                "kept": num_consumers_of(src), "needed": n}
@@ -74,12 +75,15 @@ def greedy(scorer: Scorer, pairs: list[tuple[int, int]], n: int, threshold: floa
 
 
 def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, types: list[str], beam: int = 8,
-               on_try: Callable[[dict], None] | None = None) -> tuple[list[int], list[dict], bool]:
+               on_try: Callable[[dict], None] | None = None, screen: int = 0) -> tuple[list[int], list[dict], bool]:
     """At each step score the ``beam`` admissible pairs with the lowest local error and accept the best one, if it
-    passes the threshold; stop at ``n`` consumers or when no candidate passes."""
+    passes the threshold; stop at ``n`` consumers or when no candidate passes. With ``screen`` > 0 the candidates
+    are compared on the first ``screen`` calibration batches only, and the winner is then scored on all of them
+    (its full score decides the threshold and is the one recorded)."""
     L = len(types)
-    src = list(range(L))
-    scorer.reset(SharingPlan(src))
+    state = scorer.initial(SharingPlan(list(range(L))))
+    src = state.plan.kv_source_layers
+    subset = list(range(screen)) if 0 < screen < scorer.num_batches else None
     tries: list[dict] = []
     step = 0
     while num_consumers_of(src) < n:
@@ -89,24 +93,30 @@ def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, type
                        key=lambda p: (float(err[p[0], p[1]]), p))[:beam]
         if not cands:
             break
-        best = None  # (value, i, j, cand, token); only the running best keeps its captured activations
+        best = None  # (value, i, j, scored); only the running best keeps its captured activations
         step_tries = []
         for i, j in cands:
-            cand = with_pair(src, i, j)
-            value, token = scorer.score(SharingPlan(cand), start=j)
+            scored = scorer.score(state, SharingPlan(with_pair(src, i, j)), start=j,
+                                  batches=subset if len(cands) > 1 else None)
+            value = scored.value()
             if best is None or scorer.better(value, best[0]):
-                best = (value, i, j, cand, token)
+                best = (value, i, j, scored)
             step_tries.append({"step": step, "i": i, "j": j, "source": i, "score": round(value, 6),
                                "accepted": False, "kept": step, "needed": n})
         tries += step_tries
-        ok = scorer.passes(best[0], threshold)
+        _, bi, bj, scored = best
+        scored = scorer.complete(state, scored)
+        value = scored.value()
+        for rec in step_tries:
+            if rec["i"] == bi and rec["j"] == bj:
+                rec["score"] = round(value, 6)
+        ok = scorer.passes(value, threshold)
         if ok:
-            value, i, j, cand, token = best
-            scorer.accept(token)
-            src = cand
+            state = scorer.advance(state, scored)
+            src = state.plan.kv_source_layers
             for rec in step_tries:
                 rec["kept"] = step + 1
-                rec["accepted"] = rec["i"] == i and rec["j"] == j
+                rec["accepted"] = rec["i"] == bi and rec["j"] == bj
         if on_try:
             for rec in step_tries:
                 on_try(rec)
@@ -115,5 +125,3 @@ def best_first(scorer: Scorer, err: torch.Tensor, n: int, threshold: float, type
         step += 1
     exhausted = num_consumers_of(src) < n
     return src, tries, exhausted
-
-

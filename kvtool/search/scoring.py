@@ -1,13 +1,16 @@
-"""Scoring a candidate plan against the base model on calibration chunks, incrementally.
+"""Scoring candidate plans against the base model on calibration chunks, incrementally.
 
-A candidate that adds "j reads i" changes nothing below layer j, so the ``Scorer`` keeps, for the currently accepted
-plan, every layer's input hidden states and every owner's K/V, and runs only layers j..L-1 for a candidate.
+A candidate that adds "j reads i" to an accepted plan changes nothing below layer j, so a ``ScoreState`` keeps, for an
+accepted plan, every layer's input hidden states and every owner's K/V on every chunk, and a candidate runs only
+layers j..L-1 from it. Several states can live at once (a beam of partial maps). A candidate can be scored on a few
+chunks first (``batches=``) and completed on the rest only if it wins (``complete``).
 Metrics: ``cosine`` (KVSharer's: per-sample cosine of the flattened final hidden states, averaged; higher is better)
-and ``kl`` (mean next-token KL(base || candidate) in nats; lower is better).
+and ``kl`` (mean next-token KL(base ‖ candidate) in nats at fixed positions; lower is better).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +21,7 @@ from kvtool.crosslayer.runtime import observe, sharing, sharing_state
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import METRICS
-from kvtool.metrics import cosine_score, kl_per_sample, logits_from_hidden
+from kvtool.metrics import cosine_score, logits_from_hidden
 
 HIGHER_IS_BETTER = {"cosine": True, "kl": False}
 
@@ -27,17 +30,39 @@ HIGHER_IS_BETTER = {"cosine": True, "kl": False}
 class _Batch:
     ids: torch.Tensor
     base_final: torch.Tensor
-    base_logp: torch.Tensor | None = None  # [B, positions, V] at the KL positions
-    kwargs: list[dict] = field(default_factory=list)  # per layer, as the model called it
-    h_in: list[torch.Tensor | None] = field(default_factory=list)  # per layer input, accepted plan
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # owner K/V, accepted plan
+    base_p: torch.Tensor | None = None  # [B, positions, V] base next-token probabilities at the KL positions
+    base_plogp: torch.Tensor | None = None  # [B] Σ p log p over positions and vocabulary (mean over positions)
+    kwargs: list[dict] = field(default_factory=list)  # per layer, as the model called it (the same for every plan)
+
+
+@dataclass
+class ScoreState:
+    """An accepted plan's activations on every chunk: each layer's input and each owner's K/V."""
+
+    plan: SharingPlan
+    h_in: list[list[torch.Tensor]]  # [batch][layer]
+    kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]]  # [batch] owner layer -> (K, V)
+    value: float = 0.0
+
+
+@dataclass
+class Scored:
+    """A candidate's score on some chunks, and what it captured there (to complete it or make it a state)."""
+
+    plan: SharingPlan
+    start: int
+    vals: dict[int, torch.Tensor]  # batch index -> per-sample metric
+    caps: dict[int, tuple[dict, dict]]  # batch index -> (new layer inputs, new owner K/V)
+
+    def value(self) -> float:
+        return float(torch.cat([self.vals[k] for k in sorted(self.vals)]).mean())
 
 
 class Scorer:
-    """Scores plans on calibration chunks against stored base final hidden states."""
+    """Scores plans on calibration chunks against the base model's stored final hidden states."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, base_final: torch.Tensor, metric: str = "cosine",
-                 batch_size: int = 16, incremental: bool = True, kl_positions: int = 32):
+                 batch_size: int = 8, incremental: bool = True, kl_positions: int = 32, own_reference: bool = False):
         if metric not in METRICS:
             raise KvtoolError(f"unknown validation metric {metric!r}; use one of {', '.join(METRICS)}")
         self.model, self.metric, self.incremental = model, metric, incremental
@@ -49,18 +74,33 @@ class Scorer:
         self.kl_pos = torch.linspace(0, T - 1, min(T, kl_positions)).round().long().unique()
         self.batches = [_Batch(input_ids[s : s + batch_size], base_final[s : s + batch_size])
                         for s in range(0, input_ids.shape[0], batch_size)]
-        if metric == "kl":
-            with torch.no_grad():
-                for b in self.batches:
-                    h = b.base_final[:, self.kl_pos].to(self.device, next(model.parameters()).dtype)
-                    b.base_logp = torch.log_softmax(logits_from_hidden(model, h), -1).cpu()
-        self.plan: SharingPlan | None = None
-        self.full_forwards = 0
         self.layer_forwards = 0
+        self.seconds = {"layers": 0.0, "lm_head": 0.0, "metric": 0.0}
+        # ``own_reference``: compare against this model's own unshared outputs (computed by the first ``initial``
+        # of the identity plan) instead of the calibration's stored ones, e.g. when scoring a lower-precision copy,
+        # so that the unshared model scores exactly 0 KL / cosine 1
+        self._reference_pending = own_reference
+        if not own_reference:
+            for b in self.batches:
+                self._set_reference(b, b.base_final)
+
+    @torch.no_grad()
+    def _set_reference(self, b: _Batch, final: torch.Tensor) -> None:
+        """The base model's outputs the metric compares against."""
+        b.base_final = final.float().cpu()
+        if self.metric == "kl":
+            h = final[:, self.kl_pos].to(self.device, next(self.model.parameters()).dtype)
+            logp = torch.log_softmax(logits_from_hidden(self.model, h), -1).cpu()
+            b.base_p = logp.exp()
+            b.base_plogp = (b.base_p * logp).sum(-1).mean(-1)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.batches)
 
     # ---- forward passes --------------------------------------------------------------------------------------------
-    def _capture_full(self, b: _Batch) -> torch.Tensor:
-        """Full forward of the current sharing plan; records per-layer kwargs, inputs and owner K/V."""
+    def _capture_full(self, b: _Batch, plan: SharingPlan) -> tuple[torch.Tensor, list, dict]:
+        """Full forward under ``plan``; returns (final hidden, per-layer inputs, owner K/V) and records kwargs."""
         hooks, h_in, kv, kwargs = [], [None] * self.L, {}, [None] * self.L
 
         def pre(idx):
@@ -70,103 +110,127 @@ class Scorer:
             return fn
 
         def obs(layer, q, k, v):
-            if self.plan.kv_source_layers[layer] == layer:
+            if plan.kv_source_layers[layer] == layer:
                 kv[layer] = (k.detach(), v.detach())
 
         for i, layer in enumerate(self.layers):
             hooks.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+        t0 = time.perf_counter()
         try:
             with observe(self.model, obs):
                 out = self.model.model(input_ids=b.ids.to(self.device), use_cache=False).last_hidden_state
         finally:
             for hk in hooks:
                 hk.remove()
-        b.kwargs, b.h_in, b.kv = kwargs, h_in, kv
-        self.full_forwards += 1
+        self.seconds["layers"] += time.perf_counter() - t0
+        b.kwargs = kwargs
         self.layer_forwards += self.L
-        return out
+        return out, h_in, kv
 
-    def _run_from(self, b: _Batch, start: int, plan: SharingPlan, capture: bool):
-        """Layers start..L-1 from the accepted model's stored input, under ``plan``; returns (final, captured)."""
+    def _run_from(self, state: ScoreState, k: int, start: int, plan: SharingPlan):
+        """Layers start..L-1 of batch ``k`` from the state's stored input, under ``plan`` (already installed);
+        returns (final, (new layer inputs, new owner K/V))."""
         st = sharing_state(self.model)
-        # the K/V of owners below ``start`` that layers from ``start`` on read
-        for j in range(start, self.L):
+        kv = state.kv[k]
+        for j in range(start, self.L):  # the K/V of owners below ``start`` that layers from ``start`` on read
             i = plan.kv_source_layers[j]
             if i != j and i < start:
-                st.store[i] = b.kv[i]
-        h = b.h_in[start]
+                st.store[i] = kv[i]
+        h = state.h_in[k][start]
         new_h, new_kv = {}, {}
 
-        def obs(layer, q, k, v):
-            if capture and plan.kv_source_layers[layer] == layer:
-                new_kv[layer] = (k.detach(), v.detach())
+        def obs(layer, q, k_, v):
+            if plan.kv_source_layers[layer] == layer:
+                new_kv[layer] = (k_.detach(), v.detach())
 
         st.observer = obs
+        t0 = time.perf_counter()
         try:
             for idx in range(start, self.L):
-                if capture:
-                    new_h[idx] = h
-                h = self.layers[idx](h, **b.kwargs[idx])
+                new_h[idx] = h
+                h = self.layers[idx](h, **self.batches[k].kwargs[idx])
+            h = self.model.model.norm(h)
         finally:
             st.observer = None
             st.store.clear()
+        self.seconds["layers"] += time.perf_counter() - t0
         self.layer_forwards += self.L - start
-        return self.model.model.norm(h), (new_h, new_kv)
+        return h, (new_h, new_kv)
 
     def _metric(self, b: _Batch, final: torch.Tensor) -> torch.Tensor:
         if self.metric == "cosine":
-            return cosine_score(final.cpu(), b.base_final)
+            t0 = time.perf_counter()
+            out = cosine_score(final.float().cpu(), b.base_final)
+            self.seconds["metric"] += time.perf_counter() - t0
+            return out
+        t0 = time.perf_counter()
         logits = logits_from_hidden(self.model, final[:, self.kl_pos])
-        return kl_per_sample(b.base_logp, logits.cpu())
+        t1 = time.perf_counter()
+        logq = torch.log_softmax(logits, -1).cpu()
+        kl = b.base_plogp - (b.base_p * logq).sum(-1).mean(-1)  # KL(p‖q) = Σ p log p − Σ p log q
+        self.seconds["lm_head"] += t1 - t0
+        self.seconds["metric"] += time.perf_counter() - t1
+        return kl
 
     # ---- public API ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def reset(self, plan: SharingPlan) -> float:
-        """Make ``plan`` the accepted plan (one full forward) and return its score."""
-        self.plan = plan
+    def initial(self, plan: SharingPlan) -> ScoreState:
+        """The state of ``plan`` (one full forward per batch) with its score."""
+        state = ScoreState(plan, [], [])
         vals = []
+        if self._reference_pending and plan.kv_source_layers != list(range(self.L)):
+            raise RuntimeError("with own_reference, the first initial() must be the identity plan (the reference)")
         with sharing(self.model, plan):
             for b in self.batches:
-                vals.append(self._metric(b, self._capture_full(b)))
-        return float(torch.cat(vals).mean())
+                final, h_in, kv = self._capture_full(b, plan)
+                if self._reference_pending:
+                    self._set_reference(b, final)  # the base model's output under the scoring precision
+                state.h_in.append(h_in)
+                state.kv.append(kv)
+                vals.append(self._metric(b, final))
+        self._reference_pending = False
+        state.value = float(torch.cat(vals).mean())
+        return state
 
     @torch.no_grad()
-    def score(self, plan: SharingPlan, start: int | None = None) -> tuple[float, object]:
-        """Score ``plan`` (which must equal the accepted plan below layer ``start``); returns (score, token)."""
-        if self.plan is None:
-            raise RuntimeError("Scorer.reset(plan) first")
+    def score(self, state: ScoreState, plan: SharingPlan, start: int | None = None,
+              batches: list[int] | None = None) -> Scored:
+        """Score ``plan`` (equal to ``state.plan`` below layer ``start``) on ``batches`` (default: all)."""
         if start is None:
-            changed = [j for j in range(self.L) if plan.kv_source_layers[j] != self.plan.kv_source_layers[j]]
+            changed = [j for j in range(self.L) if plan.kv_source_layers[j] != state.plan.kv_source_layers[j]]
             start = changed[0] if changed else self.L - 1
-        vals, caps = [], []
-        with sharing(self.model, plan):
-            for b in self.batches:
-                if self.incremental:
-                    final, cap = self._run_from(b, start, plan, capture=True)
-                else:
-                    saved = (b.kwargs, b.h_in, b.kv)
-                    final = self._capture_full(b)  # the base model's output is already normed
-                    cap = (b.kwargs, b.h_in, b.kv)
-                    b.kwargs, b.h_in, b.kv = saved
-                vals.append(self._metric(b, final))
-                caps.append(cap)
-        return float(torch.cat(vals).mean()), (plan, start, caps)
+        return self.complete(state, Scored(plan, start, {}, {}), batches)
 
-    def accept(self, token: object) -> None:
-        """Make a scored plan the accepted one, reusing what its scoring run captured."""
-        plan, start, caps = token
-        for b, cap in zip(self.batches, caps, strict=True):
-            if self.incremental:
-                new_h, new_kv = cap
-                for idx, h in new_h.items():
-                    b.h_in[idx] = h
-                for layer in list(b.kv):
-                    if layer >= start:
-                        del b.kv[layer]
-                b.kv.update(new_kv)
-            else:
-                b.kwargs, b.h_in, b.kv = cap
-        self.plan = plan
+    @torch.no_grad()
+    def complete(self, state: ScoreState, scored: Scored, batches: list[int] | None = None) -> Scored:
+        """Score ``scored`` on the ``batches`` (default: all) it has not seen yet."""
+        todo = [k for k in (range(self.num_batches) if batches is None else batches) if k not in scored.vals]
+        if not todo:
+            return scored
+        with sharing(self.model, scored.plan):
+            for k in todo:
+                b = self.batches[k]
+                if self.incremental:
+                    final, cap = self._run_from(state, k, scored.start, scored.plan)
+                else:
+                    final, h_in, kv = self._capture_full(b, scored.plan)
+                    cap = ({i: h for i, h in enumerate(h_in) if i >= scored.start},
+                           {i: x for i, x in kv.items() if i >= scored.start})
+                scored.vals[k] = self._metric(b, final)
+                scored.caps[k] = cap
+        return scored
+
+    def advance(self, state: ScoreState, scored: Scored) -> ScoreState:
+        """The state of a candidate scored on every batch (its captured activations, the rest shared with
+        ``state``)."""
+        if len(scored.vals) != self.num_batches:
+            raise RuntimeError("complete() a candidate on every batch before advancing to it")
+        h_in, kv = [], []
+        for k in range(self.num_batches):
+            new_h, new_kv = scored.caps[k]
+            h_in.append([new_h.get(i, h) for i, h in enumerate(state.h_in[k])])
+            kv.append({**{i: x for i, x in state.kv[k].items() if i < scored.start}, **new_kv})
+        return ScoreState(scored.plan, h_in, kv, scored.value())
 
     def better(self, a: float, b: float) -> bool:
         return a > b if HIGHER_IS_BETTER[self.metric] else a < b

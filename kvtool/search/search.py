@@ -8,11 +8,14 @@ keep the pair if the output stays close to the base (cosine >= T, or KL <= T), s
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from kvtool.atomic import check_writable_file
 from kvtool.calibration.merge_thresholds import merge_settings
@@ -52,6 +55,7 @@ class SearchResult:
     tries: list[dict[str, Any]] = field(default_factory=list)
     exhausted: bool = False
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds spent per phase (local errors, layers, ...)
 
 
 def search(
@@ -100,14 +104,22 @@ def search(
         order = s.order
         validate = s.validate or ("kl" if order in ("local", "best-first") else "cosine")
         threshold = s.threshold if s.threshold is not None else DEFAULT_THRESHOLD[validate]
-        scorer = Scorer(model, st.input_ids, st.final_hidden, metric=validate, batch_size=s.batch_size,
-                        incremental=s.incremental)
+        phases: dict[str, float] = {}
+        scoring_model = model
+        if s.precision == "bfloat16" and next(model.parameters()).dtype != torch.bfloat16:
+            t1 = time.time()
+            scoring_model = copy.deepcopy(model).to(torch.bfloat16)  # bf16 matmuls: several times faster on CPU
+            phases["bf16_copy"] = time.time() - t1
+        scorer = Scorer(scoring_model, st.input_ids, st.final_hidden, metric=validate, batch_size=s.batch_size,
+                        incremental=s.incremental, own_reference=scoring_model is not model)
         if order in ("local", "best-first"):
-            err = local_errors(model, st.input_ids)
+            t1 = time.time()
+            err = local_errors(scoring_model, st.input_ids)
+            phases["local_errors"] = time.time() - t1
             if order == "local":
                 src, tries, exhausted = greedy(scorer, rank_pairs(err, types, "local"), n, threshold, types, on_try)
             else:
-                src, tries, exhausted = best_first(scorer, err, n, threshold, types, s.beam, on_try)
+                src, tries, exhausted = best_first(scorer, err, n, threshold, types, s.beam, on_try, screen=s.screen)
         else:
             pairs = rank_pairs(st.distance(s.distance), types, order, s.seed)
             src, tries, exhausted = greedy(scorer, pairs, n, threshold, types, on_try)
@@ -117,10 +129,12 @@ def search(
                            details={"order": order, "distance": s.distance if order not in ("local", "best-first")
                                     else "local-attention-error", "validate": validate,
                                     **({"beam": s.beam} if order == "best-first" else {}),
+                                    **({"screen": s.screen, "batch_size": s.batch_size} if s.screen else {}),
+                                    **({"precision": s.precision} if s.precision != "model" else {}),
                                     "higher_is_better": HIGHER_IS_BETTER[validate], "seed": s.seed,
                                     "pairs_tried": len(tries), "incremental": s.incremental,
                                     "layer_forwards": scorer.layer_forwards, **provenance})
-        result = SearchResult(plan=plan, tries=tries, exhausted=exhausted)
+        result = SearchResult(plan=plan, tries=tries, exhausted=exhausted, phases={**phases, **scorer.seconds})
         if exhausted:
             msg = (f"the pair list ran out with {len(plan.consumers)} of {n} consumers accepted at threshold "
                    f"{threshold}")

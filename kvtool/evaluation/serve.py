@@ -1,0 +1,80 @@
+"""Eval task ``serve``: throughput at a fixed KV-cache memory budget, where memory saved becomes batch gained.
+
+For a prompt length and a number of new tokens, each variant (base, shared, and both with prompt merging when a
+merge budget is given) is measured at batch 1 for its KV bytes per sequence (checked against what its map and merge
+setting imply), given the largest batch whose cache fits the budget, and timed at that batch in fresh processes,
+alternating, repeated. The runs at the largest batch confirm that the measured cache fits the budget.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from typing import Any
+
+from kvtool.crosslayer.kv_check import implied_bytes
+from kvtool.errors import KvtoolError
+from kvtool.evaluation.memory_speed import probe
+from kvtool.evaluation.variants import Variants
+from kvtool.formats.merge_settings import CompressionSettings
+from kvtool.io.devices import model_device
+from kvtool.progress import Log, silent
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``256MiB``, ``8GiB``, ``1.5GB`` or a plain number."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise KvtoolError(f"cannot read {text!r} as a size; write e.g. 256MiB or 8GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def serve(v: Variants, kv_budget: int, *, prompt: int = 512, new: int = 64, repeats: int = 3,
+          merge: CompressionSettings | None = None, log: Log | None = None) -> dict[str, Any]:
+    """The ``serve`` entry of an eval report: per variant its KV bytes per sequence, largest batch within
+    ``kv_budget`` bytes, the KV measured at that batch, and generated tokens/s there (median of ``repeats``)."""
+    say = log or silent
+    # the plain rows run without prompt merging (an export's own merge setting included)
+    variants = [("base", v.base_args, None, None),
+                ("shared", [*v.shared_args, "--merge", "off"], v.plan.kv_source_layers, None)]
+    if merge is not None:
+        arg = ["--merge", json.dumps(merge.to_dict())]
+        variants += [("base+merge", [*v.base_args, *arg], None, merge),
+                     ("shared+merge", [*v.shared_args, *arg], v.plan.kv_source_layers, merge)]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, args, src, mg in variants:
+        want = implied_bytes(v.base, src, mg, 1, prompt, new)
+        got = probe(args, 1, prompt, new)["kv_bytes"]
+        if want is not None and got != want:
+            raise KvtoolError(f"serve: {name} holds {got:,} KV bytes per sequence, its map implies {want:,}")
+        if got > kv_budget:
+            raise KvtoolError(f"serve: a KV budget of {kv_budget:,} bytes holds no {name} sequence of {prompt}+{new} "
+                              f"tokens ({got:,} bytes each); give a larger --kv-budget")
+        rows[name] = {"kv_bytes_per_seq": got, "max_batch": kv_budget // got, "runs": []}
+        say(f"serve: {name} holds {got / 2**20:.2f} MiB of KV per sequence: batch {kv_budget // got} fits")
+    for r in range(repeats):
+        order = variants if r % 2 == 0 else variants[::-1]
+        for name, args, _, _ in order:
+            row = rows[name]
+            res = probe(args, row["max_batch"], prompt, new)
+            if res["kv_bytes"] != row["max_batch"] * row["kv_bytes_per_seq"] or res["kv_bytes"] > kv_budget:
+                raise KvtoolError(f"serve: {name} at batch {row['max_batch']} holds {res['kv_bytes']:,} KV bytes, "
+                                  f"not {row['max_batch']} × {row['kv_bytes_per_seq']:,} within {kv_budget:,}")
+            row["runs"].append({k: res[k] for k in ("kv_bytes", "gen_tok_s", "decode_tok_s", "prefill_s")})
+    base = rows["base"]
+    for row in rows.values():
+        for key in ("gen_tok_s", "decode_tok_s"):
+            row[key] = statistics.median(x[key] for x in row["runs"])
+        row["kv_bytes_at_max_batch"] = row["runs"][0]["kv_bytes"]
+        row["max_batch_ratio"] = row["max_batch"] / base["max_batch"]
+        row["gen_tok_s_ratio"] = row["gen_tok_s"] / base["gen_tok_s"]
+    L = len(v.plan.kv_source_layers)
+    return {"kv_budget": kv_budget, "prompt": prompt, "new": new, "repeats": repeats,
+            "device": str(model_device(v.base)), "max_batch_limit": L / (L - len(v.plan.consumers)),
+            "merge": None if merge is None else merge.to_dict(), "rows": rows}
