@@ -337,8 +337,8 @@ def eval_(
     plans: Annotated[list[Path] | None, typer.Option("--plans", help="several plans: perplexity vs KV bytes "
                                                                      "frontier (repeat the option)")] = None,
     model: ModelOpt = None,
-    tasks: Annotated[str, typer.Option(help="comma list of ppl,fidelity,generate,passkey,memory,speed,merge "
-                                            "(merge runs when a budget is known)")] =
+    tasks: Annotated[str, typer.Option(help="comma list of ppl,fidelity,generate,passkey,memory,speed,merge,serve "
+                                            "(merge runs when a budget is known; serve needs --kv-budget)")] =
         "ppl,fidelity,generate,passkey,memory,speed,merge",
     data: Annotated[str | None, typer.Option(help="held-out text (default: Python's pydoc topics, held-out "
                                                   "split)")] = None,
@@ -366,6 +366,11 @@ def eval_(
     speed_prompt: Annotated[int, typer.Option(min=8)] = 512,
     speed_new: Annotated[int, typer.Option(min=1)] = 32,
     repeats: Annotated[int, typer.Option(min=1, help="memory/speed runs per variant")] = 2,
+    kv_budget: Annotated[str | None, typer.Option(help="serve: the KV-cache memory each variant fills with its "
+                                                       "largest batch, e.g. 256MiB (adds the serve task)")] = None,
+    serve_prompt: Annotated[int, typer.Option(min=2, help="serve: prompt tokens per sequence")] = 512,
+    serve_new: Annotated[int, typer.Option(min=1, help="serve: generated tokens per sequence")] = 64,
+    serve_repeats: Annotated[int, typer.Option(min=1, help="serve: timed runs per variant")] = 3,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     force: ForceOpt = False,
@@ -374,6 +379,7 @@ def eval_(
     from kvtool.data.passkey import even_depths
     from kvtool.evaluation.evaluate import evaluate
     from kvtool.evaluation.frontier import frontier
+    from kvtool.evaluation.serve import parse_size
     from kvtool.evaluation.variants import EvalSettings
 
     try:
@@ -385,7 +391,9 @@ def eval_(
                             speed_repeats=repeats, merge_passkey_length=merge_length,
                             merge_passkey_depths=even_depths(merge_depths),
                             merge_ppl_samples=merge_ppl_samples,
-                            merge_ppl_context=max(32, merge_length * 3 // 4), merge_ppl_new=max(8, merge_length // 4))
+                            merge_ppl_context=max(32, merge_length * 3 // 4), merge_ppl_new=max(8, merge_length // 4),
+                            serve_kv_budget=None if kv_budget is None else parse_size(kv_budget),
+                            serve_prompt=serve_prompt, serve_new=serve_new, serve_repeats=serve_repeats)
     for b in merge_budget or []:
         if not 0 < b <= 1:
             _fail(f"--merge-budget must be in (0, 1], got {b}")
@@ -398,6 +406,8 @@ def eval_(
             out.print(f"frontier plot: {rep['plots']['frontier']}")
         return
     task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    if kv_budget is not None and "serve" not in task_list:
+        task_list = (*task_list, "serve")
     rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, data=data, settings=settings,
                    json_out=json_out, plots=plots, stats=stats,
                    lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
@@ -407,6 +417,8 @@ def eval_(
     out.print(report_table(rep))
     if "merge" in rep["tasks"]:
         out.print(merge_table(rep["tasks"]["merge"]))
+    if "serve" in rep["tasks"]:
+        out.print(serve_table(rep["tasks"]["serve"]))
     if "lm_eval" in rep["tasks"]:
         out.print(lm_eval_table(rep["tasks"]["lm_eval"]))
     if json_out:
@@ -477,6 +489,23 @@ def report_table(rep: dict):
                   f(sp["prefill_tok_s"]["shared"], 0), f(sp["prefill_tok_s"]["ratio"]))
         t.add_row("", "decode tokens/s", f(sp["decode_tok_s"]["base"], 1), f(sp["decode_tok_s"]["shared"], 1),
                   f(sp["decode_tok_s"]["ratio"]))
+    return t
+
+
+def serve_table(sv: dict):
+    """Throughput at a fixed KV budget: one row per variant."""
+    from rich.table import Table
+
+    t = Table(title=f"Serving within {sv['kv_budget'] / 2**20:,.0f} MiB of KV cache ({sv['prompt']} prompt + "
+                    f"{sv['new']} new tokens, {sv['device']}, median of {sv['repeats']}; batch limit of sharing "
+                    f"alone {sv['max_batch_limit']:.2f}×)", title_justify="left")
+    for c in ("model", "KV MiB / seq", "max batch", "× base", "KV MiB at max", "gen tok/s", "× base",
+              "decode tok/s"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for name, r in sv["rows"].items():
+        t.add_row(name, f"{r['kv_bytes_per_seq'] / 2**20:.2f}", str(r["max_batch"]), f"{r['max_batch_ratio']:.2f}",
+                  f"{r['kv_bytes_at_max_batch'] / 2**20:.1f}", f"{r['gen_tok_s']:.1f}", f"{r['gen_tok_s_ratio']:.2f}",
+                  f"{r['decode_tok_s']:.1f}")
     return t
 
 

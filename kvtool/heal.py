@@ -72,12 +72,12 @@ def _check_train(train: str) -> None:
 
 
 def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
-    """The consumers' q_proj / o_proj / q_norm weights (the Q rows of a fused qkv_proj count as q_proj); with
-    ``train="layers"`` every other weight of the consumer layers too, except the K/V projections they never use;
-    with ``train="sources"`` also the K/V projections (and k-norm) of the owner layers that consumers read."""
+    """The q_proj / o_proj / q_norm weights of every layer that reads keys or values elsewhere (the Q rows of a fused
+    qkv_proj count as q_proj); with ``train="layers"`` every other weight of those layers too, except the K/V
+    projections they never use; with ``train="sources"`` also the K/V projections (and k-norm) of the layers read."""
     _check_train(train)
     params: list[nn.Parameter] = []
-    for j in plan.consumers:
+    for j in plan.readers:
         layer = decoder_layers(model)[j]
         attn = layer.self_attn
         for name in ("q_proj", "qkv_proj", "o_proj", "q_norm"):
@@ -93,7 +93,7 @@ def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "atte
                 params += list(decoder_layers(model)[i].self_attn.qkv_proj.parameters())
             else:
                 params += [named[n] for n in kv_param_names(model, i)]
-    return params
+    return list({id(p): p for p in params}.values())
 
 
 @torch.no_grad()
@@ -157,7 +157,7 @@ def heal(
     check_writable_dir(out, force)
     if not isinstance(plan, SharingPlan):
         plan = SharingPlan.load(plan)
-    if not plan.consumers:
+    if not plan.readers:
         raise KvtoolError("the plan has no consumer layers: nothing to heal")
     model, tokenizer = model_and_tokenizer(model, tokenizer, fallback=plan.details.get("model"), dtype=dtype,
                                            device=device, what="heal")

@@ -66,3 +66,19 @@ def test_static_cache_allocates_nothing_for_consumers(arch):
     kvtool.apply_compression(m, CompressionSettings(budget=0.5, protected_layers=[]))
     with pytest.raises(KvtoolError, match="DynamicCache"):
         m.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_cli_prints_the_serve_rows(tiny_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvtool.cli import app
+
+    m, tok = kvtool.load(tiny_dir)
+    export(SharingPlan([0, 1, 1, 3, 3, 5]), model=m, tokenizer=tok, out=tmp_path / "exp")
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "exp"), "--tasks", "ppl", "--ppl-samples", "1",
+                                 "--ppl-seq-len", "16", "--kv-budget", "1MiB", "--serve-prompt", "24",
+                                 "--serve-new", "4", "--serve-repeats", "1"])
+    assert r.exit_code == 0, r.output
+    assert "Serving within 1 MiB of KV cache" in r.output and "shared" in r.output
+    r = CliRunner().invoke(app, ["eval", str(tmp_path / "exp"), "--tasks", "serve", "--kv-budget", "lots"])
+    assert r.exit_code == 2 and "as a size" in r.output

@@ -36,15 +36,17 @@ def layer_types(config) -> list[str]:
     return ["full_attention"] * n
 
 
-def kv_param_names(model: torch.nn.Module, layer: int) -> list[str]:
-    """Names of the K/V projection parameters (and k-norm) of one layer, as in ``model.state_dict()``."""
+def kv_param_names(model: torch.nn.Module, layer: int, tensors: str = "kv") -> list[str]:
+    """Names of the key ("k": k_proj and k-norm) and/or value ("v": v_proj) projection parameters of one layer, as in
+    ``model.state_dict()``."""
     arch = arch_of(model)
     prefix = f"model.layers.{layer}.self_attn."
     attn = decoder_layers(model)[layer].self_attn
     names: list[str] = []
     if arch["fused"]:
-        return []  # fused qkv: the K/V rows are sliced off in place, see shared_attention.drop_kv_modules
-    for mod in ("k_proj", "v_proj", "k_norm"):
+        return []  # fused qkv: the K/V rows are sliced off in place, see attention.drop_kv_modules
+    mods = (("k_proj", "k_norm") if "k" in tensors else ()) + (("v_proj",) if "v" in tensors else ())
+    for mod in mods:
         sub = getattr(attn, mod, None)
         if isinstance(sub, torch.nn.Module):
             names += [prefix + f"{mod}.{n}" for n, _ in sub.named_parameters()]

@@ -9,6 +9,8 @@ without kvtool installed.
 - A *consumer* projects only its queries (RoPE on Q only), takes its source's K/V from the store, and applies its own
   mask, scaling and output projection. Its cache slot is a ``DummyLayer`` (``config.kv_sharing_modes``), so it
   stores nothing; its K/V projections are never called.
+- Keys and values may come from different layers: a layer that owns only its keys (or only its values) projects and
+  caches just that tensor (its slot stores a zero-width stand-in for the other) and reads the other from its source.
 The store is filled and emptied within one forward, so sharing holds with and without a cache.
 An optional ``compressor`` hook (set by ``kvtool.compression``; exports run without it) compresses an owner's
 prompt KV after its prefill attention. A compressed cache layer carries its own entry map
@@ -54,9 +56,11 @@ ARCHS: dict[str, dict[str, object]] = {
 
 @dataclass
 class SharingState:
-    kv_source_layers: list[int]
-    last_reader: dict[int, int]  # source layer -> the last consumer that reads it (and pops the entry)
-    store: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv_source_layers: list[int]  # the common key/value source of each layer (itself where they differ)
+    k_sources: list[int]  # where each layer's keys come from
+    v_sources: list[int]  # ... and its values
+    last_reader: dict[tuple[str, int], int]  # ("k"|"v", source layer) -> the last layer that reads it (and pops it)
+    store: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ("k"|"v", owner) -> tensor
     observer: object = None  # optional callable(layer, q, k, v)
     compressor: object = None  # optional prompt-KV compression hook (kvtool.merging.compressor.Compressor)
     plan: object = None  # the plan this state was installed from (kvtool's SharingPlan), when there is one
@@ -102,18 +106,41 @@ def _project_qkv(attn: nn.Module, h: torch.Tensor, fused: bool, qk_norm: str | N
     return q, k, v
 
 
-def _project_q(attn: nn.Module, h: torch.Tensor, fused: bool, qk_norm: str | None) -> torch.Tensor:
-    """Only the queries (a consumer never runs its K/V projections)."""
+def _fused_part(attn: nn.Module, h: torch.Tensor, part: str) -> torch.Tensor:
+    """One of q, k, v from a fused qkv_proj whose rows hold the parts ``attn._kvtool_rows`` (in that order)."""
+    sizes = {"q": attn.config.num_attention_heads * attn.head_dim, "k": attn.num_key_value_heads * attn.head_dim}
+    sizes["v"] = sizes["k"]
+    rows = getattr(attn, "_kvtool_rows", ("q", "k", "v"))
+    start = sum(sizes[r] for r in rows[: rows.index(part)])
+    w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
+    end = start + sizes[part]
+    return nn.functional.linear(h, w[start:end], None if b is None else b[start:end])
+
+
+def _project_some(attn: nn.Module, h: torch.Tensor, fused: bool, qk_norm: str | None, want_k: bool, want_v: bool):
+    """The queries, and the keys and/or values only where wanted (None otherwise), before RoPE: a layer never runs
+    the projections of a tensor it reads from another layer."""
     hidden_shape = (*h.shape[:-1], -1, attn.head_dim)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(hidden_shape).transpose(1, 2)
+
     if fused:
-        qpos = attn.config.num_attention_heads * attn.head_dim
-        w, b = attn.qkv_proj.weight, attn.qkv_proj.bias
-        q = nn.functional.linear(h, w[:qpos], None if b is None else b[:qpos])
-        return q.view(hidden_shape).transpose(1, 2)
+        q = heads(_fused_part(attn, h, "q"))
+        k = heads(_fused_part(attn, h, "k")) if want_k else None
+        v = heads(_fused_part(attn, h, "v")) if want_v else None
+        return q, k, v
     if qk_norm == "pre":
-        return attn.q_norm(attn.q_proj(h).view(hidden_shape)).transpose(1, 2)
-    q = attn.q_proj(h).view(hidden_shape).transpose(1, 2)
-    return attn.q_norm(q) if qk_norm == "post" else q
+        q = attn.q_norm(attn.q_proj(h).view(hidden_shape)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(h).view(hidden_shape)).transpose(1, 2) if want_k else None
+    else:
+        q = heads(attn.q_proj(h))
+        k = heads(attn.k_proj(h)) if want_k else None
+        if qk_norm == "post":
+            q = attn.q_norm(q)
+            k = attn.k_norm(k) if want_k else None
+    v = heads(attn.v_proj(h)) if want_v else None
+    return q, k, v
 
 
 def _unsupported(what: str) -> SharingRuntimeError:
@@ -158,6 +185,16 @@ def _cache_layer(cache, idx: int):
     return layers[idx] if layers is not None and idx < len(layers) else None
 
 
+def _take(st: SharingState, tensor: str, src: int, idx: int) -> torch.Tensor:
+    """The ``tensor`` ("k" or "v") that layer ``src`` left in the store; the last reader takes it out."""
+    key = (tensor, src)
+    try:
+        return st.store.pop(key) if st.last_reader[key] == idx else st.store[key]
+    except KeyError:
+        raise RuntimeError(f"kv sharing: layer {idx} reads layer {src}'s {'keys' if tensor == 'k' else 'values'}, "
+                           "which did not run first in this forward") from None
+
+
 def attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
                       cache=None, **kwargs):
     """Replacement ``forward`` of an attention module under a sharing map (see the module docstring). The cache
@@ -173,31 +210,42 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
                                "runtime does not know")
     st: SharingState = self._kvtool_state
     idx = self.layer_idx
-    src = st.kv_source_layers[idx]
+    k_src, v_src = st.k_sources[idx], st.v_sources[idx]
+    own_k, own_v = k_src == idx, v_src == idx
     fused, qk_norm = self._kvtool_arch["fused"], self._kvtool_arch["qk_norm"]
     cos, sin = position_embeddings
-    if src == idx:
-        q, k, v = _project_qkv(self, hidden_states, fused, qk_norm)
+    if own_k and own_v and getattr(self, "_kvtool_rows", ("q", "k", "v")) == ("q", "k", "v"):
+        q, k, v = _project_qkv(self, hidden_states, fused, qk_norm)  # the original ops: bit-identical
+    else:
+        q, k, v = _project_some(self, hidden_states, fused, qk_norm, own_k, own_v)
+    if own_k:
         q, k = self._kvtool_rope(q, k, cos, sin)
+    else:
+        q = rope_q(q, cos, sin)
+    if own_k or own_v:
         if cache is not None:
-            if st.compressor is not None:
+            if st.compressor is not None and own_k and own_v:
                 st.compressor.prepare(cache, idx)
+            # a layer that owns one tensor stores a zero-width stand-in for the other: the cache stays well formed
+            # (every layer type counts its length along the sequence axis) and holds no bytes for what it lacks
+            ku = k if own_k else v.new_empty(*v.shape[:-1], 0)
+            vu = v if own_v else k.new_empty(*k.shape[:-1], 0)
             # a kvtool compressed layer refuses updates from forwards that would not remap its mask
             marker = {"kvtool_runtime": True} if hasattr(_cache_layer(cache, idx), "kvtool_attention_mask") else {}
-            k, v = cache.update(k, v, idx, **marker)
-        if idx in st.last_reader:
-            st.store[idx] = (k, v)
-    else:
-        q = rope_q(_project_q(self, hidden_states, fused, qk_norm), cos, sin)
-        try:
-            k, v = st.store.pop(src) if st.last_reader[src] == idx else st.store[src]
-        except KeyError:
-            raise RuntimeError(f"kv sharing: layer {idx} reads layer {src}, which did not run first in this "
-                               "forward") from None
+            ku, vu = cache.update(ku, vu, idx, **marker)
+            k, v = (ku if own_k else None), (vu if own_v else None)
+        if own_k and ("k", idx) in st.last_reader:
+            st.store[("k", idx)] = k
+        if own_v and ("v", idx) in st.last_reader:
+            st.store[("v", idx)] = v
+    if not own_k:
+        k = _take(st, "k", k_src, idx)
+    if not own_v:
+        v = _take(st, "v", v_src, idx)
     if st.observer is not None:
         st.observer(idx, q, k, v)
     mask = attention_mask
-    remap = getattr(_cache_layer(cache, src), "kvtool_attention_mask", None) if cache is not None else None
+    remap = getattr(_cache_layer(cache, k_src), "kvtool_attention_mask", None) if cache is not None else None
     if remap is not None:  # a compressed prompt: the mask over positions becomes one over its stored entries
         mask = remap(attention_mask, k.shape[-2], q.shape[1], q.shape[-2], q.dtype)
 
@@ -208,20 +256,29 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         extra["softcap"] = self.attn_logit_softcapping
     out, weights = interface(self, q, k, v, mask, dropout=0.0 if not self.training else self.attention_dropout,
                              scaling=self.scaling, **extra, **kwargs)
-    if st.compressor is not None and cache is not None and src == idx:
+    if st.compressor is not None and cache is not None and own_k and own_v:
         st.compressor.after(self, idx, q, attention_mask, cache)
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return self.o_proj(out), weights
 
 
-def install(model: nn.Module, kv_source_layers: list[int]) -> SharingState:
-    """Patch every attention layer of ``model`` (a *ForCausalLM with .model.layers) to follow the map, after checking
-    that transformers' internals are the ones this runtime expects."""
+def _sources(kv_source_layers: list[int], k_source_layers: list[int] | None, v_source_layers: list[int] | None):
+    k = list(k_source_layers if k_source_layers is not None else kv_source_layers)
+    v = list(v_source_layers if v_source_layers is not None else kv_source_layers)
+    return k, v
+
+
+def install(model: nn.Module, kv_source_layers: list[int], k_source_layers: list[int] | None = None,
+            v_source_layers: list[int] | None = None) -> SharingState:
+    """Patch every attention layer of ``model`` (a *ForCausalLM with .model.layers) to follow the map (keys and
+    values from ``k_source_layers`` / ``v_source_layers`` where given), after checking that transformers' internals
+    are the ones this runtime expects."""
     check_internals(model)
     cfg = model.config
     arch = ARCHS[cfg.model_type.removeprefix("kvtool_")]
-    last_reader = {s: j for j, s in enumerate(kv_source_layers) if s != j}
-    st = SharingState(list(kv_source_layers), last_reader, had_modes=hasattr(cfg, "kv_sharing_modes"),
+    k_src, v_src = _sources(kv_source_layers, k_source_layers, v_source_layers)
+    last_reader = {(t, s): j for t, src in (("k", k_src), ("v", v_src)) for j, s in enumerate(src) if s != j}
+    st = SharingState(list(kv_source_layers), k_src, v_src, last_reader, had_modes=hasattr(cfg, "kv_sharing_modes"),
                       old_modes=getattr(cfg, "kv_sharing_modes", None))
     for layer in model.model.layers:
         attn = layer.self_attn
@@ -231,7 +288,8 @@ def install(model: nn.Module, kv_source_layers: list[int]) -> SharingState:
         attn._kvtool_rope = mod.apply_rotary_pos_emb
         attn._kvtool_eager = mod.eager_attention_forward
         attn.forward = attention_forward.__get__(attn)
-    cfg.kv_sharing_modes = ["store" if s == i else "reuse" for i, s in enumerate(kv_source_layers)]
+    # a layer that reads both its keys and its values elsewhere gets no cache slot (transformers' DummyLayer)
+    cfg.kv_sharing_modes = ["reuse" if k_src[i] != i and v_src[i] != i else "store" for i in range(len(k_src))]
     model._kvtool_state = st
     return st
 
@@ -250,28 +308,37 @@ def uninstall(model: nn.Module) -> None:
     del model._kvtool_state
 
 
-def drop_kv_modules(model: nn.Module, kv_source_layers: list[int]) -> None:
-    """Delete the K/V projections (and k-norm) of consumer layers; a fused qkv_proj keeps only its Q rows."""
+def drop_kv_modules(model: nn.Module, kv_source_layers: list[int], k_source_layers: list[int] | None = None,
+                    v_source_layers: list[int] | None = None) -> None:
+    """Delete the key projection (and k-norm) of every layer that reads its keys elsewhere, and the value projection
+    of every layer that reads its values elsewhere; a fused qkv_proj keeps only the rows of what the layer owns."""
     fused = ARCHS[model.config.model_type.removeprefix("kvtool_")]["fused"]
-    for j, s in enumerate(kv_source_layers):
-        if s == j:
+    k_src, v_src = _sources(kv_source_layers, k_source_layers, v_source_layers)
+    for j in range(len(k_src)):
+        own = {"k": k_src[j] == j, "v": v_src[j] == j}
+        if own["k"] and own["v"]:
             continue
         attn = model.model.layers[j].self_attn
         if fused:
-            qpos = attn.config.num_attention_heads * attn.head_dim
-            old = attn.qkv_proj
-            if old.weight.shape[0] == qpos:
+            rows = tuple(r for r in ("q", "k", "v") if r == "q" or own[r])
+            old_rows = getattr(attn, "_kvtool_rows", ("q", "k", "v"))
+            if rows == old_rows:
                 continue
-            new = nn.Linear(old.in_features, qpos, bias=old.bias is not None, device=old.weight.device,
-                            dtype=old.weight.dtype)
+            old = attn.qkv_proj
+            size = {"q": attn.config.num_attention_heads * attn.head_dim,
+                    "k": attn.num_key_value_heads * attn.head_dim, "v": attn.num_key_value_heads * attn.head_dim}
+            new = nn.Linear(old.in_features, sum(size[r] for r in rows), bias=old.bias is not None,
+                            device=old.weight.device, dtype=old.weight.dtype)
             if old.weight.device.type != "meta":
+                offset = {r: sum(size[x] for x in old_rows[: old_rows.index(r)]) for r in old_rows}
                 with torch.no_grad():
-                    new.weight.copy_(old.weight[:qpos])
+                    new.weight.copy_(torch.cat([old.weight[offset[r] : offset[r] + size[r]] for r in rows]))
                     if old.bias is not None:
-                        new.bias.copy_(old.bias[:qpos])
+                        new.bias.copy_(torch.cat([old.bias[offset[r] : offset[r] + size[r]] for r in rows]))
             attn.qkv_proj = new
+            attn._kvtool_rows = rows
         else:
-            for name in ("k_proj", "v_proj", "k_norm"):
+            for name in (("k_proj", "k_norm") if not own["k"] else ()) + (("v_proj",) if not own["v"] else ()):
                 if isinstance(getattr(attn, name, None), nn.Module):
                     setattr(attn, name, None)
 
@@ -285,8 +352,10 @@ def make_classes(config_cls: type, model_cls: type, module: str | None = None) -
 
     def __init__(self, config):
         model_cls.__init__(self, config)
-        install(self, config.kv_source_layers)
-        drop_kv_modules(self, config.kv_source_layers)
+        maps = (config.kv_source_layers, getattr(config, "k_source_layers", None),
+                getattr(config, "v_source_layers", None))
+        install(self, *maps)
+        drop_kv_modules(self, *maps)
 
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)

@@ -15,8 +15,9 @@ from kvtool.compat import cache_kwargs
 from kvtool.crosslayer.archs import kv_dims, layer_types
 from kvtool.crosslayer.runtime import sharing_state
 from kvtool.errors import KvtoolError
-from kvtool.formats.cache_size import stored_entries
+from kvtool.formats.cache_size import kv_units
 from kvtool.formats.merge_settings import CompressionSettings, layer_keep
+from kvtool.formats.plan import SharingPlan
 
 
 def layer_bytes(cache) -> list[int]:
@@ -30,61 +31,70 @@ def kv_bytes(cache) -> int:
     return sum(layer_bytes(cache))
 
 
-def expected_entries(model: nn.Module, prompt: int, new: int = 0) -> list[int | None]:
-    """Entries per layer that the model's active sharing map and compression imply (identity when none)."""
+def expected_units(model: nn.Module, prompt: int, new: int = 0) -> list[int | None]:
+    """Per layer, the key entries plus value entries that the model's active sharing map and compression imply
+    (``cache_size.kv_units``; the unshared model when none is active)."""
     cfg = model.config
     st = sharing_state(model)
-    src = st.kv_source_layers if st is not None else list(range(cfg.num_hidden_layers))
+    L = cfg.num_hidden_layers
+    k, v = (st.k_sources, st.v_sources) if st is not None else (list(range(L)), list(range(L)))
     comp = st.compressor if st is not None else None
-    return stored_entries(src, layer_types(cfg), getattr(cfg, "sliding_window", None), prompt, new,
-                          keep=None if comp is None else comp.keep,
-                          threshold_mode=comp is not None and comp.settings.budget is None)
+    return kv_units(k, v, layer_types(cfg), getattr(cfg, "sliding_window", None), prompt, new,
+                    keep=None if comp is None else comp.keep,
+                    threshold_mode=comp is not None and comp.settings.budget is None)
 
 
-def base_entries(model: nn.Module, prompt: int, new: int = 0) -> list[int]:
-    """Entries per layer of the unshared, uncompressed model."""
+def base_units(model: nn.Module, prompt: int, new: int = 0) -> list[int]:
+    """Per layer, the key plus value entries of the unshared, uncompressed model."""
     cfg = model.config
-    return stored_entries(list(range(cfg.num_hidden_layers)), layer_types(cfg), getattr(cfg, "sliding_window", None),
-                          prompt, new)
+    L = cfg.num_hidden_layers
+    return kv_units(list(range(L)), list(range(L)), layer_types(cfg), getattr(cfg, "sliding_window", None), prompt,
+                    new)
+
+
+def unit_bytes(model: nn.Module, batch: int = 1) -> int:
+    """Bytes of one token's keys (or values) over every KV head, for ``batch`` sequences."""
+    heads, head_dim = kv_dims(model.config)
+    return heads * head_dim * torch.empty((), dtype=next(model.parameters()).dtype).element_size() * batch
 
 
 def entry_bytes(model: nn.Module, batch: int = 1) -> int:
     """Bytes of one stored entry (K and V of every KV head) for ``batch`` sequences."""
-    heads, head_dim = kv_dims(model.config)
-    elem = torch.empty((), dtype=next(model.parameters()).dtype).element_size()
-    return 2 * heads * head_dim * elem * batch
+    return 2 * unit_bytes(model, batch)
 
 
-def implied_bytes(model: nn.Module, kv_source_layers: list[int] | None, merge: CompressionSettings | None,
-                  batch: int, prompt: int, new: int = 0) -> int | None:
+def implied_bytes(model: nn.Module, plan: SharingPlan | None, merge: CompressionSettings | None, batch: int,
+                  prompt: int, new: int = 0) -> int | None:
     """KV bytes a map (None: the unshared model) and a merge setting imply for ``batch`` sequences of ``prompt``
     tokens plus ``new`` decoded ones (None when KVMerger runs by threshold alone: data-dependent)."""
     cfg = model.config
     types = layer_types(cfg)
-    src = list(kv_source_layers) if kv_source_layers is not None else list(range(cfg.num_hidden_layers))
-    keep = None if merge is None else layer_keep(merge, src, types)
-    entries = stored_entries(src, types, getattr(cfg, "sliding_window", None), prompt, new, keep,
-                             threshold_mode=merge is not None and merge.budget is None)
-    return None if None in entries else sum(entries) * entry_bytes(model, batch)
+    plan = plan or SharingPlan.identity(cfg.num_hidden_layers)
+    keep = None if merge is None else layer_keep(merge, plan.kv_source_layers, types, plan.k_source_layers,
+                                                 plan.v_source_layers)
+    units = kv_units(plan.k_sources, plan.v_sources, types, getattr(cfg, "sliding_window", None), prompt, new, keep,
+                     threshold_mode=merge is not None and merge.budget is None)
+    return None if None in units else sum(units) * unit_bytes(model, batch)
 
 
 def check_layer_bytes(model: nn.Module, got: list[int], prompt: int, new: int = 0, batch: int = 1) -> None:
     """Raise ``KvtoolError`` unless each layer holds exactly the bytes the active map and compression imply."""
     L = model.config.num_hidden_layers
     got = list(got) + [0] * (L - len(got))
-    per = entry_bytes(model, batch)
-    want = expected_entries(model, prompt, new)
+    per = unit_bytes(model, batch)
+    want = expected_units(model, prompt, new)
     bad = [(i, g, w) for i, (g, w) in enumerate(zip(got, want, strict=True))
-           if (g != w * per if w is not None else not 0 < g <= (prompt + new) * per)]
+           if (g != w * per if w is not None else not 0 < g <= 2 * (prompt + new) * per)]
     if not bad:
         return
-    base = sum(base_entries(model, prompt, new)) * per
+    base = sum(base_units(model, prompt, new)) * per
     if None in want:
-        says = f"at most {sum((prompt + new) * per if w is None else w * per for w in want) / base:.2f}"
+        says = f"at most {sum(2 * (prompt + new) * per if w is None else w * per for w in want) / base:.2f}"
     else:
         says = f"{sum(want) * per / base:.2f}"
     i, g, w = bad[0]
-    detail = f"layer {i} holds {g // per} entries, expected {'up to ' + str(prompt + new) if w is None else w}"
+    detail = (f"layer {i} holds {g / (2 * per):g} entries, expected "
+              f"{'up to ' + str(prompt + new) if w is None else format(w / 2, 'g')}")
     raise KvtoolError(f"sharing is not in effect: the model holds {sum(got) / base:.2f} of the base KV, the plan "
                       f"says {says} ({detail}; {len(bad)} of {L} layers differ)")
 
@@ -106,4 +116,4 @@ def check_kv_in_effect(model: nn.Module, tokens: int = 64) -> float:
     """Prefill ``tokens`` tokens and check every layer's KV bytes (see ``check_layer_bytes``); returns the measured
     share of the base model's KV bytes."""
     ids = (torch.arange(tokens) * 7919 % max(1, model.config.vocab_size - 3) + 3)[None]
-    return prefill_kv_bytes(model, ids) / (sum(base_entries(model, tokens)) * entry_bytes(model))
+    return prefill_kv_bytes(model, ids) / (sum(base_units(model, tokens)) * unit_bytes(model))

@@ -37,7 +37,7 @@ def _install(model: nn.Module, plan: SharingPlan) -> SharingState:
     decoder_layers(model)
     plan.validate(model.config.num_hidden_layers, layer_types(model.config))
     try:
-        st = install(model, plan.kv_source_layers)
+        st = install(model, plan.kv_source_layers, plan.k_source_layers, plan.v_source_layers)
     except SharingRuntimeError as e:
         raise KvtoolError(str(e)) from None
     st.plan = plan
@@ -56,7 +56,7 @@ def apply_sharing(model: nn.Module, plan: SharingPlan, *, drop_unused: bool = Fa
         remove_sharing(model)
     _install(model, plan)
     if drop_unused:
-        drop_kv_modules(model, plan.kv_source_layers)
+        drop_kv_modules(model, plan.kv_source_layers, plan.k_source_layers, plan.v_source_layers)
     return model
 
 

@@ -133,8 +133,9 @@ def _kv_checked(model: nn.Module, plan: SharingPlan | None, which: str) -> Itera
     against it, layer by layer (skipped under prompt compression, whose counts depend on the prompt/decode split)."""
     L = model.config.num_hidden_layers
     active = active_plan(model)
-    runs = active.kv_source_layers if active is not None else list(range(L))
-    want = plan.kv_source_layers if plan is not None else list(range(L))
+    ident = SharingPlan.identity(L)
+    runs = ((active or ident).k_sources, (active or ident).v_sources)
+    want = ((plan or ident).k_sources, (plan or ident).v_sources)
     if runs != want:
         raise KvtoolError(f"the {which} model runs the map {runs}, not the one evaluated ({want})")
 

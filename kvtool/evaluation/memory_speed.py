@@ -50,9 +50,9 @@ def probe_runs(v: Variants, s: EvalSettings) -> dict[str, list[dict]]:
 def implied_kv_bytes(v: Variants, s: EvalSettings, which: str) -> tuple[int, int] | None:
     """KV bytes after the probe's prefill and after its decode, as the plan (and its merge setting, which the probe's
     ``kvtool.load`` turns on) implies them for ``which`` variant."""
-    src = None if which == "base" else v.plan.kv_source_layers
+    plan = None if which == "base" else v.plan
     merge = CompressionSettings.from_dict(v.plan.merge) if which == "shared" and v.plan.merge else None
-    out = [implied_bytes(v.base, src, merge, s.speed_batch, s.speed_prompt, new) for new in (0, s.speed_new)]
+    out = [implied_bytes(v.base, plan, merge, s.speed_batch, s.speed_prompt, new) for new in (0, s.speed_new)]
     return None if None in out else (out[0], out[1])
 
 

@@ -42,14 +42,14 @@ def serve(v: Variants, kv_budget: int, *, prompt: int = 512, new: int = 64, repe
     say = log or silent
     # the plain rows run without prompt merging (an export's own merge setting included)
     variants = [("base", v.base_args, None, None),
-                ("shared", [*v.shared_args, "--merge", "off"], v.plan.kv_source_layers, None)]
+                ("shared", [*v.shared_args, "--merge", "off"], v.plan, None)]
     if merge is not None:
         arg = ["--merge", json.dumps(merge.to_dict())]
         variants += [("base+merge", [*v.base_args, *arg], None, merge),
-                     ("shared+merge", [*v.shared_args, *arg], v.plan.kv_source_layers, merge)]
+                     ("shared+merge", [*v.shared_args, *arg], v.plan, merge)]
     rows: dict[str, dict[str, Any]] = {}
-    for name, args, src, mg in variants:
-        want = implied_bytes(v.base, src, mg, 1, prompt, new)
+    for name, args, plan, mg in variants:
+        want = implied_bytes(v.base, plan, mg, 1, prompt, new)
         got = probe(args, 1, prompt, new)["kv_bytes"]
         if want is not None and got != want:
             raise KvtoolError(f"serve: {name} holds {got:,} KV bytes per sequence, its map implies {want:,}")
@@ -74,7 +74,6 @@ def serve(v: Variants, kv_budget: int, *, prompt: int = 512, new: int = 64, repe
         row["kv_bytes_at_max_batch"] = row["runs"][0]["kv_bytes"]
         row["max_batch_ratio"] = row["max_batch"] / base["max_batch"]
         row["gen_tok_s_ratio"] = row["gen_tok_s"] / base["gen_tok_s"]
-    L = len(v.plan.kv_source_layers)
     return {"kv_budget": kv_budget, "prompt": prompt, "new": new, "repeats": repeats,
-            "device": str(model_device(v.base)), "max_batch_limit": L / (L - len(v.plan.consumers)),
+            "device": str(model_device(v.base)), "max_batch_limit": 1 / v.plan.kv_fraction,
             "merge": None if merge is None else merge.to_dict(), "rows": rows}

@@ -40,3 +40,21 @@ def entry_ratio(entries: list[int | None], base: list[int | None]) -> float | No
     if any(e is None for e in entries) or any(b is None for b in base):
         return None
     return sum(entries) / sum(base)
+
+
+def kv_units(k_source_layers: list[int], v_source_layers: list[int], layer_types: list[str] | None,
+             sliding_window: int | None, prompt: int, new: int = 0, keep: list[float | None] | None = None,
+             threshold_mode: bool = False) -> list[int | None]:
+    """Per layer, its stored key entries plus its stored value entries (a layer that owns only one of the two
+    counts it alone): the cache's bytes in units of one token's keys (or values) of every KV head."""
+    ek = stored_entries(k_source_layers, layer_types, sliding_window, prompt, new, keep, threshold_mode)
+    ev = stored_entries(v_source_layers, layer_types, sliding_window, prompt, new, keep, threshold_mode)
+    return [None if a is None or b is None else a + b for a, b in zip(ek, ev, strict=True)]
+
+
+def plan_bytes_fraction(k_source_layers: list[int], v_source_layers: list[int], layer_types: list[str] | None,
+                        sliding_window: int | None, context: int) -> float:
+    """The share of the unshared model's KV-cache bytes a map keeps for sequences of ``context`` tokens."""
+    L = len(k_source_layers)
+    base = kv_units(list(range(L)), list(range(L)), layer_types, sliding_window, context)
+    return sum(kv_units(k_source_layers, v_source_layers, layer_types, sliding_window, context)) / sum(base)

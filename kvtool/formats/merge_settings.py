@@ -68,15 +68,22 @@ class CompressionSettings:
         return cls(**{k: v for k, v in d.items() if k in known}).validate()
 
 
-def layer_keep(settings: CompressionSettings, kv_source_layers: list[int], layer_types: list[str] | None
+def layer_keep(settings: CompressionSettings, kv_source_layers: list[int], layer_types: list[str] | None,
+               k_source_layers: list[int] | None = None, v_source_layers: list[int] | None = None
                ) -> list[float | None]:
-    """Per layer: the share of its prompt entries an owner keeps (None: not compressed)."""
+    """Per layer: the share of its prompt entries an owner keeps (None: not compressed). Counted in tensors, so a
+    layer that owns only its keys or only its values weighs half; such a layer, and any layer whose keys and values
+    are not read together, stays whole (its entries must line up with another layer's)."""
     L = len(kv_source_layers)
+    k = list(k_source_layers if k_source_layers is not None else kv_source_layers)
+    v = list(v_source_layers if v_source_layers is not None else kv_source_layers)
     prot = set(settings.protected_layers if settings.protected_layers is not None else protected_layers(L))
     types = layer_types or ["full_attention"] * L
-    # sliding-window layers keep their bounded window cache: the budget is over the full-attention owners
-    owners = [i for i, s in enumerate(kv_source_layers) if s == i and types[i] != "sliding_attention"]
-    merged = [i for i in owners if i not in prot]
+    split = {k[j] for j in range(L) if k[j] != v[j]} | {v[j] for j in range(L) if k[j] != v[j]}
+    # sliding-window layers keep their bounded window cache: the budget is over the full-attention layers' tensors
+    full = [i for i in range(L) if types[i] != "sliding_attention"]
+    owned = sum((k[i] == i) + (v[i] == i) for i in full)
+    merged = [i for i in full if k[i] == i and v[i] == i and i not in prot and i not in split]
     keep: list[float | None] = [None] * L
     if settings.budget is None:  # threshold mode: every merged layer compresses, by similarity alone
         for i in merged:
@@ -84,10 +91,10 @@ def layer_keep(settings: CompressionSettings, kv_source_layers: list[int], layer
         return keep
     if not merged:
         return keep
-    share = (settings.budget * len(owners) - (len(owners) - len(merged))) / len(merged)
+    share = (settings.budget * owned - (owned - 2 * len(merged))) / (2 * len(merged))
     if share < 0.05:
         raise KvtoolError(f"a budget of {settings.budget} cannot be met while layers {sorted(prot)} stay whole "
-                          f"(only {len(merged)} of {len(owners)} full-attention owner layers can be compressed)")
+                          f"(only {len(merged)} of the full-attention layers that hold KV can be compressed)")
     for i in merged:
         keep[i] = min(1.0, max(share, 0.0))
     return keep

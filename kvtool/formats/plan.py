@@ -1,4 +1,8 @@
-"""``SharingPlan``: which layer reads which layer's KV cache, where the plan came from, and its merge settings."""
+"""``SharingPlan``: which layer reads which layer's KV cache, where the plan came from, and its merge settings.
+
+A layer's keys and values may come from different layers (``k_source_layers`` / ``v_source_layers``); where they
+agree, ``kv_source_layers`` says it alone, and a plan whose keys and values always agree (a whole-layer plan, the form
+serving engines with per-layer sharing such as vLLM can use) leaves the two per-tensor lists out."""
 
 from __future__ import annotations
 
@@ -17,9 +21,13 @@ PLAN_VERSION = 1
 @dataclass
 class SharingPlan:
     """``kv_source_layers[i]`` is the layer whose KV layer ``i`` uses; ``== i`` means layer ``i`` owns its cache
-    (the same meaning as transformers' MistralLarge4 field). Consumers always read an earlier *owner*."""
+    (the same meaning as transformers' MistralLarge4 field). Consumers always read an earlier *owner*.
+    With per-tensor lists, ``k_source_layers[i]`` / ``v_source_layers[i]`` say where layer ``i``'s keys and values
+    come from, and ``kv_source_layers[i]`` is their common source, or ``i`` where they differ."""
 
     kv_source_layers: list[int]
+    k_source_layers: list[int] | None = None  # where keys and values come from different layers (else None)
+    v_source_layers: list[int] | None = None
     method: str = "manual"
     target: float | None = None
     threshold: float | None = None
@@ -45,6 +53,14 @@ class SharingPlan:
         return cls(resolve_chains(src), **kw)
 
     @classmethod
+    def from_tensors(cls, k_source_layers: list[int], v_source_layers: list[int], **kw: Any) -> SharingPlan:
+        """A plan from per-tensor sources (the per-tensor lists are kept only where keys and values disagree)."""
+        k, v = list(k_source_layers), list(v_source_layers)
+        kv = [a if a == b else j for j, (a, b) in enumerate(zip(k, v, strict=True))]
+        split = k != v
+        return cls(kv, k if split else None, v if split else None, **kw)
+
+    @classmethod
     def nearest_owner(cls, layer_types: list[str], consumers: list[int] | tuple[int, ...], **kw: Any) -> SharingPlan:
         """Each of ``consumers`` reads the nearest earlier owner of its own attention type (a quick, valid map for
         tests and self-checks)."""
@@ -62,21 +78,57 @@ class SharingPlan:
         return len(self.kv_source_layers)
 
     @property
+    def k_sources(self) -> list[int]:
+        """Where each layer's keys come from."""
+        return list(self.k_source_layers if self.k_source_layers is not None else self.kv_source_layers)
+
+    @property
+    def v_sources(self) -> list[int]:
+        """Where each layer's values come from."""
+        return list(self.v_source_layers if self.v_source_layers is not None else self.kv_source_layers)
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether some layer's keys and values come from different layers."""
+        return self.k_sources != self.v_sources
+
+    @property
     def consumers(self) -> list[int]:
+        """Layers that store no KV at all (both keys and values read from elsewhere)."""
         return [i for i, s in enumerate(self.kv_source_layers) if s != i]
 
     @property
+    def readers(self) -> list[int]:
+        """Layers that read keys or values (or both) from another layer."""
+        k, v = self.k_sources, self.v_sources
+        return [j for j in range(self.num_layers) if k[j] != j or v[j] != j]
+
+    @property
     def sources(self) -> list[int]:
-        return sorted({s for i, s in enumerate(self.kv_source_layers) if s != i})
+        """Layers whose keys or values another layer reads."""
+        k, v = self.k_sources, self.v_sources
+        return sorted({s for j, s in enumerate(k) if s != j} | {s for j, s in enumerate(v) if s != j})
 
     @property
     def kv_fraction(self) -> float:
-        """Fraction of layers that still hold a KV cache: (L - consumers) / L."""
-        return (self.num_layers - len(self.consumers)) / self.num_layers
+        """Fraction of the KV tensors still stored (of layers, for a whole-layer plan): equal-sized layers assumed;
+        ``cache_size.plan_bytes_fraction`` counts sliding-window layers exactly."""
+        k, v = self.k_sources, self.v_sources
+        stored = sum(k[j] == j for j in range(self.num_layers)) + sum(v[j] == j for j in range(self.num_layers))
+        return stored / (2 * self.num_layers)
 
     def describe(self) -> str:
-        pairs = ", ".join(f"{j}←{self.kv_source_layers[j]}" for j in self.consumers) or "none"
-        return f"{len(self.consumers)}/{self.num_layers} layers share KV ({pairs})"
+        k, v = self.k_sources, self.v_sources
+        moves = []
+        for j in self.readers:
+            if k[j] == v[j]:
+                moves.append(f"{j}←{k[j]}")
+            else:
+                moves += [f"{j}{t}←{s}" for t, s in (("k", k[j]), ("v", v[j])) if s != j]
+        if not self.per_tensor:
+            return f"{len(self.consumers)}/{self.num_layers} layers share KV ({', '.join(moves) or 'none'})"
+        return (f"{1 - self.kv_fraction:.0%} of the KV tensors shared over {len(self.readers)}/{self.num_layers} "
+                f"layers ({', '.join(moves)})")
 
     # ---- validation ----------------------------------------------------------------------------------------------
     def validate(self, num_layers: int | None = None, layer_types: list[str] | None = None) -> SharingPlan:
@@ -84,27 +136,40 @@ class SharingPlan:
         src = self.kv_source_layers
         if self.version != PLAN_VERSION:
             raise _version_error(self.version)
-        if not isinstance(src, list) or not src or not all(isinstance(s, int) and not isinstance(s, bool) for s in src):
-            raise KvtoolError("plan: kv_source_layers must be a non-empty list of integers")
+        lists = [("kv_source_layers", src)]
+        if (self.k_source_layers is None) != (self.v_source_layers is None):
+            raise KvtoolError("plan: give both k_source_layers and v_source_layers, or neither")
+        if self.k_source_layers is not None:
+            lists += [("k_source_layers", self.k_source_layers), ("v_source_layers", self.v_source_layers)]
+        for name, lst in lists:
+            if not isinstance(lst, list) or not lst or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                               for s in lst):
+                raise KvtoolError(f"plan: {name} must be a non-empty list of integers")
+            if len(lst) != len(src):
+                raise KvtoolError(f"plan: {name} has {len(lst)} layers, kv_source_layers {len(src)}")
         if num_layers is not None and len(src) != num_layers:
             raise KvtoolError(f"plan has {len(src)} layers but the model has {num_layers}")
-        if src[0] != 0:
-            raise KvtoolError("plan: layer 0 cannot be a consumer (it has no earlier layer to read from)")
-        for j, i in enumerate(src):
-            if i == j:
-                continue
-            if not 0 <= i < j:
-                raise KvtoolError(f"plan: layer {j} reads layer {i}, which is not an earlier layer")
-            if src[i] != i:
-                raise KvtoolError(f"plan: layer {j} reads layer {i}, which is itself a consumer (of layer {src[i]}); "
-                                  "a source must own its cache")
+        k, v = self.k_sources, self.v_sources
+        if [a if a == b else j for j, (a, b) in enumerate(zip(k, v, strict=True))] != src:
+            raise KvtoolError("plan: kv_source_layers must be each layer's common key/value source (or the layer "
+                              "itself where they differ)")
         types = layer_types or self.layer_types
-        if types is not None:
-            if len(types) != len(src):
-                raise KvtoolError(f"plan: {len(types)} layer types for {len(src)} layers")
-            for j, i in enumerate(src):
-                if types[i] != types[j]:
-                    raise KvtoolError(f"plan: layer {j} ({types[j]}) reads layer {i} ({types[i]}); "
+        if types is not None and len(types) != len(src):
+            raise KvtoolError(f"plan: {len(types)} layer types for {len(src)} layers")
+        for what, tsrc in (("KV", src), ("keys", k), ("values", v)):
+            if tsrc[0] != 0:
+                raise KvtoolError(f"plan: layer 0 cannot be a consumer of {what} (it has no earlier layer to read "
+                                  "from)")
+            for j, i in enumerate(tsrc):
+                if i == j:
+                    continue
+                if not 0 <= i < j:
+                    raise KvtoolError(f"plan: layer {j} reads the {what} of layer {i}, which is not an earlier layer")
+                if tsrc[i] != i:
+                    raise KvtoolError(f"plan: layer {j} reads the {what} of layer {i}, which is itself a consumer "
+                                      f"(of layer {tsrc[i]}); a source must own its cache")
+                if types is not None and types[i] != types[j]:
+                    raise KvtoolError(f"plan: layer {j} ({types[j]}) reads the {what} of layer {i} ({types[i]}); "
                                       "a consumer must read a layer of the same attention type")
         if self.merge is not None:
             if not isinstance(self.merge, dict):
@@ -115,6 +180,8 @@ class SharingPlan:
     # ---- serialization -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["k_source_layers"] is None and d["v_source_layers"] is None:  # a whole-layer plan: as before
+            del d["k_source_layers"], d["v_source_layers"]
         return {"version": d.pop("version"), **d}
 
     def to_json(self) -> str:

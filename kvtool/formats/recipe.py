@@ -62,9 +62,10 @@ class SearchSettings:
     strict: bool = False
     merge_budget: float | None = None
     incremental: bool = True
-    batch_size: int = 16  # calibration chunks per scoring forward
+    batch_size: int = 32  # calibration chunks per scoring forward
     screen: int = 0  # best-first: compare candidates on this many scoring batches first (0: on all of them)
-    precision: str = "model"  # scoring forwards in the model's own dtype, or "bfloat16" (a bf16 copy on CPU)
+    precision: str = "auto"  # scoring forwards: "model" (its own dtype), "bfloat16", or "auto" (bfloat16 where the
+    # hardware runs it natively: a GPU, or a CPU with AVX512-BF16/AMX; the model's dtype elsewhere)
 
     def validated(self) -> SearchSettings:
         if self.order not in ORDERS:
@@ -79,8 +80,8 @@ class SearchSettings:
             raise KvtoolError("give --target or --layers")
         if self.target is not None and not 0 <= self.target < 1:
             raise KvtoolError(f"--target must be in [0, 1), got {self.target}")
-        if self.precision not in ("model", "bfloat16"):
-            raise KvtoolError(f"unknown scoring precision {self.precision!r}; use model or bfloat16")
+        if self.precision not in ("auto", "model", "bfloat16"):
+            raise KvtoolError(f"unknown scoring precision {self.precision!r}; use auto, model or bfloat16")
         if self.beam < 1 or self.batch_size < 1 or self.screen < 0:
             raise KvtoolError("search: beam and batch size must be ≥ 1, screen ≥ 0")
         if self.merge_budget is not None and not 0 < self.merge_budget <= 1:

@@ -76,7 +76,7 @@ def export(
         recipe = recipe or (Recipe.from_dict(side["recipe"]) if side.get("recipe") else None)
     recipe = recipe or Recipe.from_plan(plan)
     applied = active_plan(model)
-    if applied is not None and applied.kv_source_layers != plan.kv_source_layers:
+    if applied is not None and (applied.k_sources, applied.v_sources) != (plan.k_sources, plan.v_sources):
         raise KvtoolError("the model already runs another sharing map than the plan")
     arch_of(model)
     base_fp = base_fingerprint or model_fingerprint(model)
@@ -84,7 +84,10 @@ def export(
     if dtype is not None:
         model = model.to(parse_dtype(dtype, "cpu"))
     base_type = model.config.model_type.removeprefix("kvtool_")
-    dropped = side["dropped_tensors"] if side else [n for j in plan.consumers for n in kv_param_names(model, j)]
+    ks, vs = plan.k_sources, plan.v_sources
+    dropped = side["dropped_tensors"] if side else [
+        n for j in plan.readers
+        for n in kv_param_names(model, j, ("k" if ks[j] != j else "") + ("v" if vs[j] != j else ""))]
     if applied is not None:
         remove_sharing(model)
     apply_sharing(model, plan, drop_unused=True)
@@ -111,6 +114,8 @@ def export(
         tokenizer.save_pretrained(tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg.pop("kv_sharing_modes", None)
+        if plan.per_tensor:
+            cfg.update(k_source_layers=plan.k_source_layers, v_source_layers=plan.v_source_layers)
         cfg.update(model_type=f"kvtool_{base_type}", architectures=["KvtoolForCausalLM"],
                    kv_source_layers=plan.kv_source_layers,
                    auto_map={"AutoConfig": "modeling_kvtool.KvtoolConfig",

@@ -36,11 +36,15 @@ def load_exported(path: Path, *, dtype: torch.dtype, device: str, attn_implement
         raise KvtoolError(f"{path}/config.json is missing or damaged") from e
     if cfg_json.get("model_type") != f"kvtool_{base_type}":
         raise KvtoolError(f"{path}: config model_type {cfg_json.get('model_type')!r} does not match the sidecar")
-    if cfg_json.get("kv_source_layers") != side["kv_source_layers"]:
-        raise KvtoolError(f"{path}: config.json and kvtool.json disagree on kv_source_layers")
+    side_plan = side.get("plan") or {}
+    for key in ("kv_source_layers", "k_source_layers", "v_source_layers"):
+        want = side["kv_source_layers"] if key == "kv_source_layers" else side_plan.get(key)
+        if cfg_json.get(key) != want:
+            raise KvtoolError(f"{path}: config.json and kvtool.json disagree on {key}")
     cfg_cls, model_cls = make_classes(*base_classes(base_type))
     config = cfg_cls.from_pretrained(path)
-    SharingPlan(list(config.kv_source_layers)).validate(config.num_hidden_layers, layer_types(config))
+    SharingPlan(list(config.kv_source_layers), getattr(config, "k_source_layers", None),
+                getattr(config, "v_source_layers", None)).validate(config.num_hidden_layers, layer_types(config))
     kwargs: dict[str, Any] = {"dtype": dtype, "config": config}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

@@ -143,7 +143,8 @@ def apply_compression(model: nn.Module, settings: CompressionSettings | None = N
     if settings.thresholds is not None and len(settings.thresholds) != len(st.kv_source_layers):
         raise KvtoolError(f"merge thresholds cover {len(settings.thresholds)} layers; the model has "
                           f"{len(st.kv_source_layers)}")
-    st.compressor = Compressor(settings, layer_keep(settings, st.kv_source_layers, layer_types(model.config)))
+    st.compressor = Compressor(settings, layer_keep(settings, st.kv_source_layers, layer_types(model.config),
+                                                    st.k_sources, st.v_sources))
     return model
 
 

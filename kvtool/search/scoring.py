@@ -24,6 +24,7 @@ from kvtool.formats.recipe import METRICS
 from kvtool.metrics import cosine_score, logits_from_hidden
 
 HIGHER_IS_BETTER = {"cosine": True, "kl": False}
+_TOP_K = 64  # the base's top tokens whose logits enter the KL exactly as computed
 
 
 @dataclass
@@ -32,6 +33,12 @@ class _Batch:
     base_final: torch.Tensor
     base_p: torch.Tensor | None = None  # [B, positions, V] base next-token probabilities at the KL positions
     base_plogp: torch.Tensor | None = None  # [B] Σ p log p over positions and vocabulary (mean over positions)
+    # without softcapping, Σ_v p_v l_v needs no vocabulary-sized product: the base's top tokens' logits (as the
+    # candidate's head computes them, so rounding agrees with its normaliser) plus h · Σ_tail p_v w_v for the rest
+    top_idx: torch.Tensor | None = None  # [B, positions, k] the base's most likely tokens
+    top_p: torch.Tensor | None = None  # [B, positions, k] their probabilities
+    tail_emb: torch.Tensor | None = None  # [B, positions, H] Σ over the other tokens of p_v w_v
+    tail_bias: torch.Tensor | None = None  # [B, positions] Σ over the other tokens of p_v bias_v
     kwargs: list[dict] = field(default_factory=list)  # per layer, as the model called it (the same for every plan)
 
 
@@ -41,7 +48,7 @@ class ScoreState:
 
     plan: SharingPlan
     h_in: list[list[torch.Tensor]]  # [batch][layer]
-    kv: list[dict[int, tuple[torch.Tensor, torch.Tensor]]]  # [batch] owner layer -> (K, V)
+    kv: list[dict[tuple[str, int], torch.Tensor]]  # [batch] ("k"|"v", owner layer) -> its keys or values
     value: float = 0.0
 
 
@@ -80,6 +87,7 @@ class Scorer:
         # of the identity plan) instead of the calibration's stored ones, e.g. when scoring a lower-precision copy,
         # so that the unshared model scores exactly 0 KL / cosine 1
         self._reference_pending = own_reference
+        self._linear_head = not getattr(model.config, "final_logit_softcapping", None)
         if not own_reference:
             for b in self.batches:
                 self._set_reference(b, b.base_final)
@@ -90,9 +98,18 @@ class Scorer:
         b.base_final = final.float().cpu()
         if self.metric == "kl":
             h = final[:, self.kl_pos].to(self.device, next(self.model.parameters()).dtype)
-            logp = torch.log_softmax(logits_from_hidden(self.model, h), -1).cpu()
-            b.base_p = logp.exp()
-            b.base_plogp = (b.base_p * logp).sum(-1).mean(-1)
+            logp = torch.log_softmax(logits_from_hidden(self.model, h), -1)
+            p = logp.exp()
+            b.base_plogp = (p * logp).sum(-1).mean(-1).cpu()
+            if self._linear_head:
+                head = self.model.lm_head
+                w = head.weight.float()
+                b.top_p, b.top_idx = p.topk(min(_TOP_K, p.shape[-1]), dim=-1)
+                tail = p.scatter(-1, b.top_idx, 0.0)
+                b.tail_emb = tail @ w
+                b.tail_bias = None if head.bias is None else tail @ head.bias.float()
+            else:
+                b.base_p = p.cpu()
 
     @property
     def num_batches(self) -> int:
@@ -109,9 +126,13 @@ class Scorer:
                 kwargs[idx] = {k: v for k, v in kw.items() if k != "hidden_states"}
             return fn
 
+        ks, vs = plan.k_sources, plan.v_sources
+
         def obs(layer, q, k, v):
-            if plan.kv_source_layers[layer] == layer:
-                kv[layer] = (k.detach(), v.detach())
+            if ks[layer] == layer:
+                kv[("k", layer)] = k.detach()
+            if vs[layer] == layer:
+                kv[("v", layer)] = v.detach()
 
         for i, layer in enumerate(self.layers):
             hooks.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
@@ -132,16 +153,19 @@ class Scorer:
         returns (final, (new layer inputs, new owner K/V))."""
         st = sharing_state(self.model)
         kv = state.kv[k]
+        ks, vs = plan.k_sources, plan.v_sources
         for j in range(start, self.L):  # the K/V of owners below ``start`` that layers from ``start`` on read
-            i = plan.kv_source_layers[j]
-            if i != j and i < start:
-                st.store[i] = kv[i]
+            for t, src in (("k", ks), ("v", vs)):
+                if src[j] != j and src[j] < start:
+                    st.store[(t, src[j])] = kv[(t, src[j])]
         h = state.h_in[k][start]
         new_h, new_kv = {}, {}
 
         def obs(layer, q, k_, v):
-            if plan.kv_source_layers[layer] == layer:
-                new_kv[layer] = (k_.detach(), v.detach())
+            if ks[layer] == layer:
+                new_kv[("k", layer)] = k_.detach()
+            if vs[layer] == layer:
+                new_kv[("v", layer)] = v.detach()
 
         st.observer = obs
         t0 = time.perf_counter()
@@ -164,10 +188,18 @@ class Scorer:
             self.seconds["metric"] += time.perf_counter() - t0
             return out
         t0 = time.perf_counter()
-        logits = logits_from_hidden(self.model, final[:, self.kl_pos])
+        h = final[:, self.kl_pos]
+        logits = logits_from_hidden(self.model, h)
         t1 = time.perf_counter()
-        logq = torch.log_softmax(logits, -1).cpu()
-        kl = b.base_plogp - (b.base_p * logq).sum(-1).mean(-1)  # KL(p‖q) = Σ p log p − Σ p log q
+        # KL(p‖q) = Σ p log p − Σ p log q, and Σ_v p_v log q_v = Σ_v p_v l_v − logsumexp(l)
+        if b.tail_emb is not None:
+            cross = (b.top_p * logits.gather(-1, b.top_idx)).sum(-1) + (h.float() * b.tail_emb).sum(-1)
+            if b.tail_bias is not None:
+                cross = cross + b.tail_bias
+        else:
+            p = b.base_p.to(logits.device)
+            cross = torch.bmm(p.view(-1, 1, p.shape[-1]), logits.view(-1, logits.shape[-1], 1)).view(p.shape[:-1])
+        kl = (b.base_plogp.to(logits.device) - (cross - torch.logsumexp(logits, -1)).mean(-1)).cpu()
         self.seconds["lm_head"] += t1 - t0
         self.seconds["metric"] += time.perf_counter() - t1
         return kl
@@ -178,7 +210,7 @@ class Scorer:
         """The state of ``plan`` (one full forward per batch) with its score."""
         state = ScoreState(plan, [], [])
         vals = []
-        if self._reference_pending and plan.kv_source_layers != list(range(self.L)):
+        if self._reference_pending and plan.readers:
             raise RuntimeError("with own_reference, the first initial() must be the identity plan (the reference)")
         with sharing(self.model, plan):
             for b in self.batches:
@@ -197,7 +229,9 @@ class Scorer:
               batches: list[int] | None = None) -> Scored:
         """Score ``plan`` (equal to ``state.plan`` below layer ``start``) on ``batches`` (default: all)."""
         if start is None:
-            changed = [j for j in range(self.L) if plan.kv_source_layers[j] != state.plan.kv_source_layers[j]]
+            old = state.plan
+            changed = [j for j in range(self.L) if (plan.k_sources[j], plan.v_sources[j]) !=
+                       (old.k_sources[j], old.v_sources[j])]
             start = changed[0] if changed else self.L - 1
         return self.complete(state, Scored(plan, start, {}, {}), batches)
 
@@ -215,7 +249,7 @@ class Scorer:
                 else:
                     final, h_in, kv = self._capture_full(b, scored.plan)
                     cap = ({i: h for i, h in enumerate(h_in) if i >= scored.start},
-                           {i: x for i, x in kv.items() if i >= scored.start})
+                           {key: x for key, x in kv.items() if key[1] >= scored.start})
                 scored.vals[k] = self._metric(b, final)
                 scored.caps[k] = cap
         return scored
@@ -229,7 +263,7 @@ class Scorer:
         for k in range(self.num_batches):
             new_h, new_kv = scored.caps[k]
             h_in.append([new_h.get(i, h) for i, h in enumerate(state.h_in[k])])
-            kv.append({**{i: x for i, x in state.kv[k].items() if i < scored.start}, **new_kv})
+            kv.append({**{key: x for key, x in state.kv[k].items() if key[1] < scored.start}, **new_kv})
         return ScoreState(scored.plan, h_in, kv, scored.value())
 
     def better(self, a: float, b: float) -> bool:

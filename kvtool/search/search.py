@@ -49,6 +49,20 @@ def num_consumers(num_layers: int, target: float | None, layers: int | None) -> 
     return n
 
 
+def scoring_dtype(model, precision: str) -> torch.dtype:
+    """The dtype candidates are scored in: bfloat16 where the hardware runs it natively (``auto``)."""
+    own = next(model.parameters()).dtype
+    if precision == "model":
+        return own
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if next(model.parameters()).device.type == "cuda":
+        return torch.bfloat16
+    cpu = getattr(torch, "cpu", None)
+    native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if native else own
+
+
 @dataclass
 class SearchResult:
     plan: SharingPlan
@@ -106,9 +120,10 @@ def search(
         threshold = s.threshold if s.threshold is not None else DEFAULT_THRESHOLD[validate]
         phases: dict[str, float] = {}
         scoring_model = model
-        if s.precision == "bfloat16" and next(model.parameters()).dtype != torch.bfloat16:
+        precision = scoring_dtype(model, s.precision)
+        if precision != next(model.parameters()).dtype:
             t1 = time.time()
-            scoring_model = copy.deepcopy(model).to(torch.bfloat16)  # bf16 matmuls: several times faster on CPU
+            scoring_model = copy.deepcopy(model).to(precision)  # bf16 matmuls: ~2x faster on a bf16 CPU
             phases["bf16_copy"] = time.time() - t1
         scorer = Scorer(scoring_model, st.input_ids, st.final_hidden, metric=validate, batch_size=s.batch_size,
                         incremental=s.incremental, own_reference=scoring_model is not model)
@@ -129,8 +144,8 @@ def search(
                            details={"order": order, "distance": s.distance if order not in ("local", "best-first")
                                     else "local-attention-error", "validate": validate,
                                     **({"beam": s.beam} if order == "best-first" else {}),
-                                    **({"screen": s.screen, "batch_size": s.batch_size} if s.screen else {}),
-                                    **({"precision": s.precision} if s.precision != "model" else {}),
+                                    **({"screen": s.screen} if s.screen else {}),
+                                    "precision": str(precision).removeprefix("torch."), "batch_size": s.batch_size,
                                     "higher_is_better": HIGHER_IS_BETTER[validate], "seed": s.seed,
                                     "pairs_tried": len(tries), "incremental": s.incremental,
                                     "layer_forwards": scorer.layer_forwards, **provenance})
