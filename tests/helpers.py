@@ -16,3 +16,16 @@ def plan_for(model, consumers=(2, 4, 5)) -> SharingPlan:
 def ids(b: int = 2, t: int = 20, seed: int = 0) -> torch.Tensor:
     """Random token ids of the tiny models' vocabulary (128), reproducibly."""
     return torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def tensor_plan_for(model, moves=((2, "k"), (3, "v"), (4, "k"), (4, "v"), (5, "k"))) -> SharingPlan:
+    """A per-tensor plan: each (layer, "k"|"v") move reads that tensor from the nearest earlier layer of the same
+    attention type that owns it (moves with no such layer are skipped)."""
+    types = layer_types(model.config)
+    src = {"k": list(range(len(types))), "v": list(range(len(types)))}
+    for j, t in moves:
+        for i in range(j - 1, -1, -1):
+            if types[i] == types[j] and src[t][i] == i:
+                src[t][j] = i
+                break
+    return SharingPlan.from_tensors(src["k"], src["v"], layer_types=list(types))
