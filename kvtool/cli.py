@@ -122,24 +122,37 @@ def calibrate(
 def search(
     stats: Annotated[Path, typer.Option("--stats", "-s", help="directory written by `kvtool calibrate`")],
     out_path: Annotated[Path | None, typer.Option("--out", "-o", help="plan JSON to write")] = None,
-    target: Annotated[float | None, typer.Option(help="fraction of layers that stop storing KV")] = 0.3,
-    layers: Annotated[int | None, typer.Option(help="number of consumer layers (instead of --target)")] = None,
-    threshold: Annotated[float | None, typer.Option(help="accept a pair if cosine >= T (default 0.5) "
-                                                         "or KL <= T nats (default 1.0)")] = None,
+    target: Annotated[float | None, typer.Option(help="fraction of KV-cache bytes to remove (always met, unless a "
+                                                      "guard stops the search: then exit 3)")] = 0.3,
+    layers: Annotated[int | None, typer.Option(help="number of whole consumer layers (instead of --target)")] = None,
+    max_kl: Annotated[float | None, typer.Option(help="quality guard: stop if the calibration KL (nats) would "
+                                                      "exceed X")] = None,
+    min_cosine: Annotated[float | None, typer.Option(help="quality guard: stop if the calibration cosine would "
+                                                          "fall below T (the paper's orders: accept a pair only "
+                                                          "if cosine >= T, default 0.5)")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="when a guard stops the search short of "
+                                                                         "the target, still write the plan")] = False,
+    granularity: Annotated[str, typer.Option(help="best-first moves: layer (whole layers; the form vLLM-style "
+                                                  "per-layer sharing can serve) or tensor (also keys or values "
+                                                  "alone)")] = "layer",
+    beam_width: Annotated[int, typer.Option(min=1, help="best-first: partial maps kept at each step")] = 1,
+    refine: Annotated[int, typer.Option(min=0, help="best-first: at most N one-move swaps tried after the target "
+                                                    "is reached")] = 0,
+    context: Annotated[int, typer.Option(min=1, help="tokens per sequence at which KV bytes are counted (matters "
+                                                     "for sliding-window layers)")] = 4096,
     order: Annotated[str, typer.Option(help="best-first (kvtool's default), local (lowest local attention error "
                                             "first), dissimilar (KVSharer as published), similar or random")] =
         "best-first",
     distance: Annotated[str, typer.Option(help="euclidean (paper), kvsharer (official code) or cosine")] = "euclidean",
     validate: Annotated[str | None, typer.Option(help="cosine (paper; default for distance orders) or kl "
                                                       "(default for local and best-first)")] = None,
-    beam: Annotated[int, typer.Option(min=1, help="candidates fully scored per step of --order best-first")] = 4,
+    beam: Annotated[int, typer.Option(min=1, help="best-first: candidate moves scored per partial map and step")] = 4,
     layout: Annotated[str | None, typer.Option(help="fixed layout instead of a search: adjacent, tail, "
                                                     "grouped")] = None,
     group_size: Annotated[int, typer.Option(help="layers per group for --layout grouped")] = 4,
     seed: Annotated[int, typer.Option(help="seed for --order random")] = 0,
     merge_budget: Annotated[float | None, typer.Option(help="also record KVMerger thresholds for this budget "
                                                             "(fraction of prompt KV kept)")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="fail if the target is not reached")] = False,
     compare_: Annotated[bool, typer.Option("--compare", help="run every order and layout at --target and "
                                                             "print one table")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="with --compare: write the table as JSON")] = None,
@@ -149,6 +162,11 @@ def search(
     force: ForceOpt = False,
 ) -> None:
     """Find a sharing map: best-first search (default), KVSharer's greedy orders or a fixed layout."""
+    if max_kl is not None and min_cosine is not None:
+        _fail("give --max-kl or --min-cosine, not both")
+    threshold = max_kl if max_kl is not None else min_cosine
+    if threshold is not None:
+        validate = "kl" if max_kl is not None else "cosine"
     if compare_:
         _compare(stats, target, layers, threshold, seed, model, dtype, device, json_out, force)
         return
@@ -161,24 +179,30 @@ def search(
 
     settings = SearchSettings(target=target, layers=layers, threshold=threshold, order=order, distance=distance,
                               validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,
-                              strict=strict, merge_budget=merge_budget)
+                              merge_budget=merge_budget, granularity=granularity, beam_width=beam_width,
+                              refine=refine, context=context, allow_partial=allow_partial)
     t0, tried = time.time(), [0]
 
     def on_try(r: dict) -> None:
         tried[0] += 1
         mark = "[green]kept[/]" if r["accepted"] else "[dim]rejected[/]"
         el = time.time() - t0
-        eta = f", ETA ~{el / r['kept'] * (r['needed'] - r['kept']):.0f} s" if r["kept"] else ""
-        out.print(f"  [{tried[0]:>3} tried, {r['kept']}/{r['needed']} kept, {el:.0f} s{eta}]  {r['j']:>3} ← "
-                  f"{r['source']:<3} score {r['score']:.4f} {mark}", highlight=False)
+        eta = (f", ETA ~{el / r['removed'] * (r['needed'] - r['removed']):.0f} s"
+               if r["accepted"] and 0 < r["removed"] < r["needed"] else "")
+        out.print(f"  [{tried[0]:>3} tried, {r['removed']:.0%}/{r['needed']:.0%} of KV bytes, {el:.0f} s{eta}]  "
+                  f"{r['move']:<12} score {r['score']:.4f} {mark}", highlight=False)
 
     res = run(stats, model=model, settings=settings, out=out_path, force=force, dtype=dtype, device=device,
               on_try=on_try, warn=lambda m: err.print(f"[yellow]warning:[/] {m}"))
     p = res.plan
-    score = "" if p.score is None else f", final score {p.score:.4f}"
-    tried = f" after {len(res.tries)} pairs" if res.tries else ""
-    out.print(f"{p.describe()}{tried}{score}; KV kept {p.kv_fraction:.2f} of base, {res.seconds:.1f} s")
+    det = p.details
+    score = "" if p.score is None else f", calibration {det.get('validate', 'score')} {p.score:.4f}"
+    tried = f" after {len(res.tries)} tries" if res.tries else ""
+    removed = det.get("kv_bytes_removed", 1 - p.kv_fraction)
+    out.print(f"{p.describe()}{tried}{score}; {removed:.1%} of the KV bytes removed, {res.seconds:.1f} s")
     out.print(f"wrote {out_path}")
+    if res.partial:
+        raise typer.Exit(3)
 
 
 def _compare(stats, target, layers, threshold, seed, model, dtype, device, json_out, force) -> None:

@@ -41,15 +41,24 @@ def distance_heatmap(dist: np.ndarray, title: str = "", kv_source_layers: list[i
 
 
 def frontier(points: list[dict], base_ppl: float | None = None) -> bytes:
-    """Perplexity against KV bytes (fraction of the base) for several plans; ``points``: {label, kv_ratio, ppl}."""
+    """Perplexity against KV bytes (fraction of the base) for several plans; ``points``: {label, kv_ratio, ppl}, and
+    optionally ``series``: points of one series are joined by a line and named once, in the legend."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    series: dict[str, list[dict]] = {}
     for p in points:
-        ax.scatter(p["kv_ratio"], p["ppl"], s=30)
-        ax.annotate(p["label"], (p["kv_ratio"], p["ppl"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if "series" in p:
+            series.setdefault(p["series"], []).append(p)
+            continue
+        ax.scatter(p["kv_ratio"], p["ppl"], s=30, label=p["label"])
+    markers = "os^Dv<>px*"
+    for n, (name, pts) in enumerate(series.items()):
+        pts = sorted(pts, key=lambda p: p["kv_ratio"])
+        ax.plot([p["kv_ratio"] for p in pts], [p["ppl"] for p in pts], marker=markers[n % len(markers)], ms=4,
+                lw=1.2, label=name)
     if base_ppl is not None:
-        ax.scatter([1.0], [base_ppl], marker="*", s=120, color="black", label="base")
-        ax.legend(fontsize=8)
+        ax.scatter([1.0], [base_ppl], marker="*", s=120, color="black", label="base", zorder=5)
+    ax.legend(fontsize=7, loc="best")
     ax.set_xlabel("KV-cache bytes (fraction of base)")
     ax.set_ylabel("held-out perplexity")
     ax.set_yscale("log")

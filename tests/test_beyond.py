@@ -71,7 +71,9 @@ def test_local_and_best_first_orders(tok):
     for v in steps.values():  # the accepted candidate of each step has the lowest KL of that step
         kept = [t for t in v if t["accepted"]]
         assert len(kept) == 1 and kept[0]["score"] == min(t["score"] for t in v)
-    strict = search(st, model=m, layers=3, order="best-first", beam=3, threshold=0.0)
+    with pytest.raises(KvtoolError, match="guard"):
+        search(st, model=m, layers=3, order="best-first", beam=3, threshold=0.0)
+    strict = search(st, model=m, layers=3, order="best-first", beam=3, threshold=0.0, allow_partial=True)
     assert strict.exhausted and strict.plan.consumers == []
 
 

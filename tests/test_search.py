@@ -107,11 +107,11 @@ def test_greedy_walks_in_order_and_stops_at_target(llama_stats):
 
 def test_threshold_rejects_and_exhaustion(llama_stats):
     m, st = llama_stats
+    with pytest.raises(KvtoolError, match="guard .cosine >= 1.01. stopped the search at 0.0% .* short of 2 layers"):
+        search(st, model=m, layers=2, threshold=1.01, order="dissimilar")  # none can pass
     warned = []
-    r = search(st, model=m, layers=2, threshold=1.01, order="dissimilar", warn=warned.append)  # none can pass
-    assert r.exhausted and r.plan.consumers == [] and warned
-    with pytest.raises(KvtoolError, match="ran out"):
-        search(st, model=m, layers=2, threshold=1.01, order="dissimilar", strict=True)
+    r = search(st, model=m, layers=2, threshold=1.01, order="dissimilar", warn=warned.append, allow_partial=True)
+    assert r.exhausted and r.partial and r.plan.consumers == [] and warned
 
 
 def test_incremental_and_full_search_agree_on_gemma3(tok):
@@ -155,7 +155,7 @@ def test_cli_search_and_compare(tiny_dir, tmp_path):
                             "--out", str(tmp_path / "c")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["search", "--stats", str(tmp_path / "c"), "--target", "0.34", "--out",
-                            str(tmp_path / "plan.json"), "--order", "dissimilar", "--threshold", "0.0",
+                            str(tmp_path / "plan.json"), "--order", "dissimilar", "--min-cosine", "0.0",
                             "--merge-budget", "0.8"])  # 3 of the 4 owners are protected: 0.5 cannot be met
     assert r.exit_code == 0, r.output
     plan = SharingPlan.load(tmp_path / "plan.json")

@@ -58,3 +58,16 @@ def plan_bytes_fraction(k_source_layers: list[int], v_source_layers: list[int], 
     L = len(k_source_layers)
     base = kv_units(list(range(L)), list(range(L)), layer_types, sliding_window, context)
     return sum(kv_units(k_source_layers, v_source_layers, layer_types, sliding_window, context)) / sum(base)
+
+
+def tensor_units(layer_types: list[str], sliding_window: int | None, context: int) -> list[int]:
+    """Per layer, the entries one of its tensors (its keys, or its values) holds for a ``context``-token sequence:
+    what giving that tensor up saves, in units of one token's keys (or values) of every KV head."""
+    L = len(layer_types)
+    return [int(e or 0) for e in stored_entries(list(range(L)), layer_types, sliding_window, context)]
+
+
+def units_to_remove(units: list[int], target: float) -> int:
+    """The fewest units that remove at least ``target`` of the ``2 × sum(units)`` a model's cache holds."""
+    total = 2 * sum(units)
+    return max(0, math.ceil(target * total - 1e-9 * total))

@@ -47,25 +47,34 @@ class CalibrationSettings:
         return _from_dict(cls, d, "calibration settings")
 
 
+GRANULARITIES = ("layer", "tensor")
+DEFAULT_CONTEXT = 4096  # tokens per sequence at which KV bytes are counted (matters only for sliding-window layers)
+_RETIRED_SEARCH_KEYS = ("strict",)  # recipes written before the target became a contract may still carry these
+
+
 @dataclass
 class SearchSettings:
-    target: float | None = 0.3  # fraction of layers that stop storing KV
-    layers: int | None = None  # or this many consumer layers
-    threshold: float | None = None  # None: 0.5 for cosine, 1.0 nats for KL
+    target: float | None = 0.3  # fraction of KV-cache bytes removed (at ``context`` tokens per sequence)
+    layers: int | None = None  # or this many whole consumer layers
+    threshold: float | None = None  # the quality guard (KL ≤ T or cosine ≥ T); None: the order's default
     order: str = "best-first"
     distance: str = "euclidean"
     validate: str | None = None  # cosine or kl; None: kl for local/best-first, cosine for the distance orders
-    beam: int = 4
+    beam: int = 4  # best-first: candidate moves fully scored per partial map and step
     seed: int = 0
     layout: str | None = None
     group_size: int = 4
-    strict: bool = False
     merge_budget: float | None = None
     incremental: bool = True
     batch_size: int = 32  # calibration chunks per scoring forward
     screen: int = 0  # best-first: compare candidates on this many scoring batches first (0: on all of them)
     precision: str = "auto"  # scoring forwards: "model" (its own dtype), "bfloat16", or "auto" (bfloat16 where the
     # hardware runs it natively: a GPU, or a CPU with AVX512-BF16/AMX; the model's dtype elsewhere)
+    granularity: str = "layer"  # best-first moves: whole layers, or also a layer's keys or values alone
+    beam_width: int = 1  # best-first: partial maps kept at each step
+    refine: int = 0  # best-first: at most this many one-move swaps tried once the target is reached
+    context: int = DEFAULT_CONTEXT
+    allow_partial: bool = False  # when the quality guard stops the search short, return (and write) what it has
 
     def validated(self) -> SearchSettings:
         if self.order not in ORDERS:
@@ -76,14 +85,24 @@ class SearchSettings:
             raise KvtoolError(f"unknown validation metric {self.validate!r}; use one of {', '.join(METRICS)}")
         if self.distance not in DISTANCES:
             raise KvtoolError(f"unknown distance {self.distance!r}; use one of {', '.join(DISTANCES)}")
+        if self.granularity not in GRANULARITIES:
+            raise KvtoolError(f"unknown granularity {self.granularity!r}; use layer or tensor")
         if self.target is None and self.layers is None:
             raise KvtoolError("give --target or --layers")
         if self.target is not None and not 0 <= self.target < 1:
             raise KvtoolError(f"--target must be in [0, 1), got {self.target}")
         if self.precision not in ("auto", "model", "bfloat16"):
             raise KvtoolError(f"unknown scoring precision {self.precision!r}; use auto, model or bfloat16")
-        if self.beam < 1 or self.batch_size < 1 or self.screen < 0:
-            raise KvtoolError("search: beam and batch size must be ≥ 1, screen ≥ 0")
+        if self.beam < 1 or self.batch_size < 1 or self.screen < 0 or self.beam_width < 1 or self.refine < 0:
+            raise KvtoolError("search: beam, beam width and batch size must be ≥ 1, screen and refine ≥ 0")
+        if self.context < 1:
+            raise KvtoolError(f"--context must be ≥ 1 token, got {self.context}")
+        if self.order != "best-first" and self.layout is None and (
+                self.granularity != "layer" or self.beam_width != 1 or self.refine):
+            raise KvtoolError(f"--granularity tensor, --beam-width and --refine need --order best-first (the "
+                              f"{self.order} order walks whole-layer pairs)")
+        if self.layers is not None and self.granularity != "layer":
+            raise KvtoolError("--layers counts whole layers; with --granularity tensor give --target")
         if self.merge_budget is not None and not 0 < self.merge_budget <= 1:
             raise KvtoolError(f"--merge-budget must be in (0, 1], got {self.merge_budget}")
         return self
@@ -93,6 +112,8 @@ class SearchSettings:
 
     @classmethod
     def from_dict(cls, d: Any) -> SearchSettings:
+        if isinstance(d, dict):
+            d = {k: v for k, v in d.items() if k not in _RETIRED_SEARCH_KEYS}
         return _from_dict(cls, d, "search settings")
 
 
@@ -138,6 +159,9 @@ class Recipe:
             search.order = det.get("order", search.order)
             search.validate = det.get("validate")
             search.beam = det.get("beam", search.beam)
+            for key in ("granularity", "beam_width", "refine", "context"):
+                if key in det:
+                    setattr(search, key, det[key])
             search.incremental = det.get("incremental", True)
             if det.get("distance") in DISTANCES:
                 search.distance = det["distance"]

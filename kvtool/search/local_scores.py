@@ -38,6 +38,14 @@ def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
 def local_errors(model: nn.Module, input_ids: torch.Tensor, samples: int = 8) -> torch.Tensor:
     """[L, L] matrix: entry (i, j) = mean relative error of layer j's attention output when it reads layer i's K/V;
     +inf where j may not read i (i >= j, or another attention type)."""
+    return local_errors_by_kind(model, input_ids, ("kv",), samples)["kv"]
+
+
+@torch.no_grad()
+def local_errors_by_kind(model: nn.Module, input_ids: torch.Tensor, kinds: tuple[str, ...] = ("kv", "k", "v"),
+                         samples: int = 8) -> dict[str, torch.Tensor]:
+    """``local_errors`` for each kind of move: layer j reads layer i's keys and values (``"kv"``), its keys with
+    j's own values (``"k"``), or its values with j's own keys (``"v"``)."""
     layers = decoder_layers(model)
     L = len(layers)
     types = layer_types(model.config)
@@ -57,7 +65,7 @@ def local_errors(model: nn.Module, input_ids: torch.Tensor, samples: int = 8) ->
     finally:
         for h in hooks:
             h.remove()
-    err = torch.full((L, L), float("inf"))
+    err = {kind: torch.full((L, L), float("inf")) for kind in kinds}
     for j in range(1, L):
         attn = layers[j].self_attn
         qj, kj, vj = qkv[j]
@@ -66,6 +74,9 @@ def local_errors(model: nn.Module, input_ids: torch.Tensor, samples: int = 8) ->
         for i in range(j):
             if types[i] != types[j]:
                 continue
-            other = _attend(attn, qj, qkv[i][1], qkv[i][2]).float()
-            err[i, j] = float(((other - own).norm(dim=-1) / norm).mean())
+            _, ki, vi = qkv[i]
+            for kind in kinds:
+                k, v = {"kv": (ki, vi), "k": (ki, vj), "v": (kj, vi)}[kind]
+                other = _attend(attn, qj, k, v).float()
+                err[kind][i, j] = float(((other - own).norm(dim=-1) / norm).mean())
     return err

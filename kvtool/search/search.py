@@ -1,9 +1,17 @@
-"""``kvtool search``: find which layers give up their KV cache.
+"""``kvtool search``: find which layers (or which layers' keys or values) stop storing KV.
 
-KVSharer's greedy search as published: rank every pair (i < j) by the distance between the layers' calibration KV
-averages (most dissimilar first), walk the list, tentatively let j read i's KV (chains resolved to the root owner),
-keep the pair if the output stays close to the base (cosine >= T, or KL <= T), stop at the target. Other orders
-(similar, random) and fixed layouts use the same machinery, so they compare on equal terms.
+The target is a share of the KV-cache bytes (counted at ``context`` tokens per sequence, which matters only where
+sliding-window layers hold fewer), and it is met: by default the search runs until the map removes at least that
+share. A quality guard (``threshold``: KL ≤ T or cosine ≥ T) is opt-in; when it stops the search short, ``search``
+raises, or with ``allow_partial`` returns the partial map flagged ``partial``.
+
+Orders: ``best-first`` (kvtool's default: each step scores the moves with the lowest local attention error per byte and
+takes the one whose calibration KL grows least per byte saved; optionally a beam of partial maps, per-tensor moves and
+a refinement by swaps, see ``best_first``), ``local`` (a greedy walk over pairs by local error), and KVSharer's greedy
+walk as published: rank every pair (i < j) by the distance between the layers' calibration KV averages (most
+dissimilar first), tentatively let j read i's KV (chains resolved to the root owner), keep the pair if the output
+stays close to the base (cosine ≥ T, the paper's T = 0.5 by default), until the target is reached. Fixed layouts use
+the same machinery, so all compare on equal terms.
 """
 
 from __future__ import annotations
@@ -20,15 +28,18 @@ import torch
 from kvtool.atomic import check_writable_file
 from kvtool.calibration.merge_thresholds import merge_settings
 from kvtool.errors import KvtoolError
+from kvtool.formats.cache_size import tensor_units, units_to_remove
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import SearchSettings
 from kvtool.formats.stats import CalibrationStats
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import model_and_tokenizer
 from kvtool.progress import Log
+from kvtool.search.best_first import best_first, refine
 from kvtool.search.layouts import layout_plan
-from kvtool.search.local_scores import local_errors
-from kvtool.search.orders import best_first, greedy, rank_pairs
+from kvtool.search.local_scores import local_errors_by_kind
+from kvtool.search.moves import Goal, removed_units
+from kvtool.search.orders import greedy, rank_pairs
 from kvtool.search.scoring import HIGHER_IS_BETTER, Scorer
 
 DEFAULT_THRESHOLD = {"cosine": 0.5, "kl": 1.0}  # cosine: the paper's T; kl: nats, a guard against ruinous maps
@@ -70,6 +81,7 @@ class SearchResult:
     exhausted: bool = False
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)  # seconds spent per phase (local errors, layers, ...)
+    partial: bool = False  # the guard stopped the search short of the target (written only with allow_partial)
 
 
 def search(
@@ -117,7 +129,13 @@ def search(
                           "recalibrate with this model")
         order = s.order
         validate = s.validate or ("kl" if order in ("local", "best-first") else "cosine")
-        threshold = s.threshold if s.threshold is not None else DEFAULT_THRESHOLD[validate]
+        # the paper's orders accept a pair only above its cosine threshold; best-first has no guard unless asked
+        threshold = s.threshold if s.threshold is not None else (
+            None if order in ("local", "best-first") else DEFAULT_THRESHOLD[validate])
+        cfg = model.config
+        units = tensor_units(types, getattr(cfg, "sliding_window", None), s.context)
+        goal = Goal(tuple(units), units_to_remove(units, s.target) if s.layers is None else 0,
+                    n if s.layers is not None else None)
         phases: dict[str, float] = {}
         scoring_model = model
         precision = scoring_dtype(model, s.precision)
@@ -127,36 +145,64 @@ def search(
             phases["bf16_copy"] = time.time() - t1
         scorer = Scorer(scoring_model, st.input_ids, st.final_hidden, metric=validate, batch_size=s.batch_size,
                         incremental=s.incremental, own_reference=scoring_model is not model)
+        refine_tries: list[dict] = []
         if order in ("local", "best-first"):
             t1 = time.time()
-            err = local_errors(scoring_model, st.input_ids)
+            kinds = ("kv", "k", "v") if s.granularity == "tensor" else ("kv",)
+            err = local_errors_by_kind(scoring_model, st.input_ids, kinds)
             phases["local_errors"] = time.time() - t1
             if order == "local":
-                src, tries, exhausted = greedy(scorer, rank_pairs(err, types, "local"), n, threshold, types, on_try)
+                src, tries, reached = greedy(scorer, rank_pairs(err["kv"], types, "local"), goal, threshold, types,
+                                             on_try)
+                k_src = v_src = src
+                final = [t["score"] for t in tries if t["accepted"]]
+                score = final[-1] if final else None
             else:
-                src, tries, exhausted = best_first(scorer, err, n, threshold, types, s.beam, on_try, screen=s.screen)
+                best, tries, reached = best_first(scorer, err, types, goal, pool=s.beam, width=s.beam_width,
+                                                  threshold=threshold, granularity=s.granularity, screen=s.screen,
+                                                  on_try=on_try)
+                if s.refine and reached:
+                    t1 = time.time()
+                    best, refine_tries = refine(scorer, best, err, types, goal, budget=s.refine, pool=s.beam,
+                                                granularity=s.granularity, on_try=on_try)
+                    phases["refine"] = time.time() - t1
+                k_src, v_src = list(best.src[0]), list(best.src[1])
+                score = round(best.value, 6) if best.moves else None
         else:
             pairs = rank_pairs(st.distance(s.distance), types, order, s.seed)
-            src, tries, exhausted = greedy(scorer, pairs, n, threshold, types, on_try)
-        final = [t["score"] for t in tries if t["accepted"]]
-        score = final[-1] if final else None
-        plan = SharingPlan(src, method=f"greedy:{order}", threshold=threshold, score=score, **common,
-                           details={"order": order, "distance": s.distance if order not in ("local", "best-first")
-                                    else "local-attention-error", "validate": validate,
-                                    **({"beam": s.beam} if order == "best-first" else {}),
-                                    **({"screen": s.screen} if s.screen else {}),
-                                    "precision": str(precision).removeprefix("torch."), "batch_size": s.batch_size,
-                                    "higher_is_better": HIGHER_IS_BETTER[validate], "seed": s.seed,
-                                    "pairs_tried": len(tries), "incremental": s.incremental,
-                                    "layer_forwards": scorer.layer_forwards, **provenance})
-        result = SearchResult(plan=plan, tries=tries, exhausted=exhausted, phases={**phases, **scorer.seconds})
-        if exhausted:
-            msg = (f"the pair list ran out with {len(plan.consumers)} of {n} consumers accepted at threshold "
-                   f"{threshold}")
-            if s.strict:
-                raise KvtoolError(msg + " (--strict)")
+            src, tries, reached = greedy(scorer, pairs, goal, threshold, types, on_try)
+            k_src = v_src = src
+            final = [t["score"] for t in tries if t["accepted"]]
+            score = final[-1] if final else None
+        plan = SharingPlan.from_tensors(k_src, v_src, method=f"greedy:{order}", threshold=threshold, score=score,
+                                        **common)
+        removed = removed_units((tuple(k_src), tuple(v_src)), units) / (2 * sum(units))
+        plan.details = {"order": order, "distance": s.distance if order not in ("local", "best-first")
+                        else "local-attention-error", "validate": validate,
+                        **({"beam": s.beam, "beam_width": s.beam_width, "granularity": s.granularity,
+                            "refine": s.refine} if order == "best-first" else {}),
+                        **({"screen": s.screen} if s.screen else {}),
+                        "context": s.context, "kv_bytes_removed": round(removed, 6),
+                        "precision": str(precision).removeprefix("torch."), "batch_size": s.batch_size,
+                        "higher_is_better": HIGHER_IS_BETTER[validate], "seed": s.seed,
+                        "pairs_tried": len(tries), "swaps_tried": len(refine_tries), "incremental": s.incremental,
+                        "layer_forwards": scorer.layer_forwards, **provenance}
+        result = SearchResult(plan=plan, tries=tries + refine_tries, exhausted=not reached,
+                              phases={**phases, **scorer.seconds})
+        if not reached:
+            want = f"{s.layers} layers" if s.layers is not None else f"{s.target:.0%} of the KV bytes"
+            if threshold is None:
+                why = "no admissible move is left"
+            else:
+                why = (f"the quality guard ({'KL' if validate == 'kl' else 'cosine'} "
+                       f"{'<=' if validate == 'kl' else '>='} {threshold}) stopped the search")
+            msg = f"{why} at {removed:.1%} of the KV bytes removed ({plan.describe()}), short of {want}"
+            if not s.allow_partial:
+                raise KvtoolError(msg + ("; loosen the guard, or pass --allow-partial to write this plan"
+                                         if threshold is not None else "; pass --allow-partial to write this plan"))
+            result.partial = True
             if warn:
-                warn(msg + "; writing the best plan found")
+                warn(msg)
     if s.merge_budget is not None:
         result.plan.merge = merge_settings(st, s.merge_budget, result.plan)
     result.seconds = time.time() - t0

@@ -1,0 +1,179 @@
+"""Best-first search over moves, scored per byte, with a beam of partial maps and a refinement by swaps.
+
+Each step, every partial map in the beam proposes the admissible moves with the lowest local attention error per
+byte saved (per kind of move, see ``_ranked``); each is scored on the calibration chunks (incrementally, from the
+layer it changes). With a beam width of 1 the move with the lowest score increase per byte saved is taken (bytes past
+the target count for nothing); with a wider beam the ``width`` best children by score increase per byte removed so
+far are kept, deduplicated. Maps that reach the goal are set aside; the best of them (by calibration score) is the
+result. A quality guard (``threshold``) discards children past it; when no map reaches the goal the deepest one is
+returned as partial. ``refine`` then tries swapping one chosen move for an unchosen one while the score improves, at
+most ``refine`` swaps scored. Everything is deterministic: ties break on the moves' order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvtool.formats.plan import SharingPlan
+from kvtool.search.moves import (
+    Goal,
+    Move,
+    Sources,
+    admissible,
+    apply_move,
+    identity,
+    removed_units,
+    saved_units,
+    undo_move,
+)
+from kvtool.search.scoring import HIGHER_IS_BETTER, Scorer, ScoreState
+
+
+@dataclass
+class Partial:
+    src: Sources
+    state: ScoreState
+    moves: tuple[Move, ...]
+    costs: tuple[float, ...]  # each move's score increase when it was taken (or swapped in)
+
+    @property
+    def value(self) -> float:
+        return self.state.value
+
+
+def to_plan(src: Sources) -> SharingPlan:
+    return SharingPlan.from_tensors(list(src[0]), list(src[1]))
+
+
+def _loss(scorer: Scorer, value: float) -> float:
+    return -value if HIGHER_IS_BETTER[scorer.metric] else value
+
+
+def _ranked(src: Sources, types: list[str], err: dict[str, torch.Tensor], granularity: str, goal: Goal,
+            pool: int, skip: set[Sources] | None = None) -> list[Move]:
+    """The admissible moves with the lowest local error per unit saved (units past the goal count for nothing),
+    skipping moves that lead to a map in ``skip``: ``pool`` whole-layer moves, and with per-tensor moves also
+    ``pool // 2`` (at least one) of each of key-only and value-only moves. Per unit, the local error ranks a single
+    tensor's move about twice as bad as a whole layer's on SmolLM2, so one shared pool would never let the
+    calibration score compare them."""
+    left = max(1, goal.left(src))
+    units = list(goal.units)
+    scored: dict[str, list[tuple[float, Move]]] = {"kv": [], "k": [], "v": []}
+    for m in admissible(src, types, granularity):
+        if skip is not None and apply_move(src, m) in skip:
+            continue
+        scored[m.tensors].append((float(err[m.tensors][m.i, m.j]) / max(1, min(saved_units(m, units), left)), m))
+    quota = {"kv": pool, "k": max(1, pool // 2), "v": max(1, pool // 2)}
+    out = [x for kind, xs in scored.items() for x in sorted(xs)[: quota[kind]]]
+    return [m for _, m in sorted(out)]
+
+
+def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], goal: Goal, *, pool: int = 4,
+               width: int = 1, threshold: float | None = None, granularity: str = "layer", screen: int = 0,
+               on_try: Callable[[dict], None] | None = None) -> tuple[Partial, list[dict], bool]:
+    """Returns (the best map that reaches ``goal``, or the deepest one when the guard stops every path; the tries;
+    whether the goal was reached)."""
+    L = len(types)
+    units = list(goal.units)
+    root = Partial(identity(L), scorer.initial(to_plan(identity(L))), (), ())
+    root_loss = _loss(scorer, root.value)
+    subset = list(range(screen)) if 0 < screen < scorer.num_batches else None
+    beam, finished, deepest = [root], [], root
+    seen: set[Sources] = {root.src}
+    tries: list[dict] = []
+    step = 0
+    while beam:
+        children = []  # (key, order, parent, move, scored)
+        for parent in beam:
+            left = goal.left(parent.src)
+            for m in _ranked(parent.src, types, err, granularity, goal, pool, seen):
+                src = apply_move(parent.src, m)
+                seen.add(src)
+                scored = scorer.score(parent.state, to_plan(src), start=m.j, batches=subset)
+                gain = _loss(scorer, scored.value()) - _loss(scorer, parent.value)
+                eff = max(1, min(saved_units(m, units), left))
+                if width == 1:
+                    key = gain / eff
+                else:
+                    done = max(1, min(goal.needed, removed_units(src, units)))
+                    key = (_loss(scorer, scored.value()) - root_loss) / done
+                children.append((key, m, parent, scored, gain))
+        if not children:
+            break
+        children.sort(key=lambda c: (c[0], c[1], c[2].moves))
+        kept = []
+        for _key, m, parent, scored, gain in children:
+            ok = False
+            if len(kept) < width:
+                if subset is not None:
+                    scored = scorer.complete(parent.state, scored)
+                    gain = _loss(scorer, scored.value()) - _loss(scorer, parent.value)
+                ok = threshold is None or scorer.passes(scored.value(), threshold)
+            src = apply_move(parent.src, m)
+            rec = {"step": step, "j": m.j, "i": m.i, "source": m.i, "tensors": m.tensors, "move": m.label(),
+                   "score": round(scored.value(), 6), "accepted": ok, "kept": len(parent.moves) + ok,
+                   "removed": goal.fraction(src), "needed": goal.needed / (2 * sum(units))}
+            tries.append(rec)
+            if on_try:
+                on_try(rec)
+            if ok:
+                kept.append(Partial(src, scorer.advance(parent.state, scored), parent.moves + (m,),
+                                    parent.costs + (gain,)))
+        for child in kept:
+            if len(child.moves) > len(deepest.moves) or (
+                    len(child.moves) == len(deepest.moves) and _loss(scorer, child.value) < _loss(scorer,
+                                                                                                 deepest.value)):
+                deepest = child
+        finished += [c for c in kept if goal.reached(c.src)]
+        beam = [c for c in kept if not goal.reached(c.src)]
+        if width == 1 and finished:
+            break
+        step += 1
+    if not finished:
+        return deepest, tries, goal.reached(deepest.src)
+    best = min(finished, key=lambda c: (_loss(scorer, c.value), c.moves))
+    return best, tries, True
+
+
+def refine(scorer: Scorer, best: Partial, err: dict[str, torch.Tensor], types: list[str], goal: Goal, *,
+           budget: int, pool: int = 4, granularity: str = "layer", on_try: Callable[[dict], None] | None = None
+           ) -> tuple[Partial, list[dict]]:
+    """Swap one chosen move for an unchosen one while the calibration score improves; at most ``budget`` swaps are
+    scored. Chosen moves are tried for removal costliest first, replacements by local error per unit."""
+    tries: list[dict] = []
+    tried: set[Sources] = {best.src}
+    improved = True
+    while improved and len(tries) < budget:
+        improved = False
+        order = sorted(range(len(best.moves)), key=lambda n: (-best.costs[n], best.moves[n]))
+        for n in order:
+            m = best.moves[n]
+            base = undo_move(best.src, m)
+            for u in [u for u in _ranked(base, types, err, granularity, goal, pool, tried) if u != m]:
+                src = apply_move(base, u)
+                if not goal.reached(src) or src in tried:
+                    continue
+                tried.add(src)
+                scored = scorer.score(best.state, to_plan(src))
+                gain = _loss(scorer, scored.value()) - _loss(scorer, best.value)
+                rec = {"step": "refine", "j": u.j, "i": u.i, "source": u.i, "tensors": u.tensors,
+                       "move": f"{m.label()} → {u.label()}", "score": round(scored.value(), 6),
+                       "accepted": gain < -1e-9, "kept": len(best.moves), "removed": goal.fraction(src),
+                       "needed": goal.needed / (2 * sum(goal.units))}
+                tries.append(rec)
+                if on_try:
+                    on_try(rec)
+                if gain < -1e-9:
+                    best = Partial(src, scorer.advance(best.state, scored),
+                                   best.moves[:n] + best.moves[n + 1 :] + (u,),
+                                   best.costs[:n] + best.costs[n + 1 :] + (best.costs[n] + gain,))
+                    improved = True
+                    break
+                if len(tries) >= budget:
+                    break
+            if improved or len(tries) >= budget:
+                break
+    return best, tries
