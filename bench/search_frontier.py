@@ -7,7 +7,7 @@ Rows are appended to ``--json`` as they finish, so an interrupted run resumes wh
 line per method.
 
     python bench/search_frontier.py --calib DIR --json docs/data/search_frontier.json [--plot docs/img/f.png]
-        [--targets 0.1,0.2,0.3,0.4,0.5] [--method NAME=k:v,k:v ...] [--only NAME,...]
+        [--targets 0.1,0.2,0.3,0.4,0.5] [--method NAME=k:v,k:v ...] [--only NAME,...] [--also other.json]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--method", action="append", default=[], metavar="NAME=k:v,...")
     ap.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--also", action="append", default=[], type=Path,
+                    help="another run's --json whose rows join the table and the plot (runs split over processes)")
     a = ap.parse_args()
 
     import torch
@@ -110,11 +112,16 @@ def main() -> None:
             print(f"{name:26s} {t:.0%}: removed {row['kv_removed']:.3f} (held {kv:.3f}), ppl {ppl:.2f} "
                   f"({ppl / base_ppl:.2f}x), KL {kl:.3f}, passkey {pk:.2f}, {secs:.0f} s  {plan.describe()}",
                   flush=True)
+    rows = list(report["rows"])
+    for extra in a.also:
+        rows += [r for r in json.loads(extra.read_text())["rows"] if (r["method"], r["target"]) not in
+                 {(x["method"], x["target"]) for x in rows}]
+    report = {**report, "rows": rows}
     if a.plot:
         from kvtool.plots import frontier
 
         pts = [{"series": r["method"], "label": r["method"], "kv_ratio": 1 - r["kv_removed"], "ppl": r["ppl"]}
-               for r in report["rows"]]
+               for r in rows]
         a.plot.parent.mkdir(parents=True, exist_ok=True)
         a.plot.write_bytes(frontier(pts, base_ppl=base_ppl))
     print(table(report))

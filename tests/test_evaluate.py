@@ -112,3 +112,16 @@ def test_merge_task_compares_merging_with_eviction(tiny_dir, tmp_path):
     r = runner.invoke(app, ["eval", "--plan", str(tmp_path / "p.json"), "--model", str(tiny_dir), "--tasks", "merge",
                             "--merge-budget", "0.5", "--merge-length", "64"])
     assert r.exit_code == 2 and "cannot be met" in r.output and "Traceback" not in r.output
+
+
+def test_cli_eval_of_a_per_tensor_plan(tiny_dir, tmp_path):
+    # layer 2 reads layer 1's keys, layer 3 layer 0's values, layer 5 both from layer 4: 8 of 12 tensors stored
+    plan = SharingPlan.from_tensors([0, 1, 1, 3, 4, 4], [0, 1, 2, 0, 4, 4])
+    plan.save(tmp_path / "t.json")
+    args = ["--model", str(tiny_dir), "--ppl-samples", "2", "--ppl-seq-len", "32", "--speed-batch", "1",
+            "--speed-prompt", "16", "--speed-new", "2", "--repeats", "1", "--passkey-lengths", "64"]
+    r = CliRunner().invoke(app, ["eval", "--plan", str(tmp_path / "t.json"), "--tasks", "ppl,fidelity,memory,speed",
+                                 "--json", str(tmp_path / "r.json"), *args])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert "0.6667" in r.output and rep["tasks"]["memory"]["kv_bytes"]["ratio"] == pytest.approx(8 / 12)

@@ -64,10 +64,11 @@ def compare(stats: CalibrationStats, model, tokenizer, target: float, *,
     runs.update(extra or {})
     for name, kw in runs.items():
         t = time.time()
-        r = search(stats, model=model, target=target, seed=seed, threshold=threshold, **kw)
+        r = search(stats, model=model, target=target, seed=seed, threshold=threshold, allow_partial=True, **kw)
         plans.append((name, r.plan, time.time() - t))
         if log:
-            log(f"{name}: {r.plan.describe()} ({time.time() - t:.1f} s)")
+            note = " (partial: the guard stopped it)" if r.partial else ""
+            log(f"{name}: {r.plan.describe()} ({time.time() - t:.1f} s){note}")
     rows = []
     for name, plan, secs in plans:
         cos, kl = calibration_metrics(model, stats, plan)
