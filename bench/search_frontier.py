@@ -70,7 +70,7 @@ def main() -> None:
     methods.update(dict(parse_method(m) for m in a.method))
     if a.only:
         methods = {k: methods[k] for k in a.only.split(",")}
-    targets = [float(t) for t in a.targets.split(",")]
+    targets = [float(t) for t in a.targets.split(",") if t]
     st = CalibrationStats.load(a.calib)
     model, tok = load(st.meta.get("model"))
     held = heldout_chunks(tok).input_ids
