@@ -4,7 +4,11 @@ kvpress (0.5.5 pins transformers < 5.3) cannot share kvtool's environment, so th
 anything of this repository: ``bench/vs_kvpress.py`` runs it with the kvpress environment's Python and reads its
 output. kvpress is used as an installed library only.
 
-    <kvpress venv>/bin/python bench/kvpress_runner.py --model DIR --inputs in.json --out out.json [--threads 2]
+    <kvpress venv>/bin/python bench/kvpress_runner.py --model DIR --inputs in.json --out out.json [--threads 1]
+                                                      [--resume]
+
+``out.json`` is rewritten after every row (``"complete": false`` until the end), press by press with both budgets
+each; ``--resume`` keeps the rows of an earlier ``out.json`` of the same ``in.json`` (by its SHA-256).
 
 ``in.json``:
   budgets        share of the prompt KV KEPT (kvpress ``compression_ratio`` = 1 - budget)
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -194,40 +199,60 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--inputs", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-reference", action="store_true", help="skip the plain no-cache perplexity check")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an earlier --out made from the same inputs and measure only the rest")
     a = ap.parse_args(argv)
     with open(a.inputs) as f:
         inp = json.load(f)
     new = int(inp.get("max_new_tokens", 8))
+    digest = hashlib.sha256(open(a.inputs, "rb").read()).hexdigest()
+    done: dict[tuple[str, float | None], dict[str, Any]] = {}
+    if a.resume and os.path.isfile(a.out):
+        with open(a.out) as f:
+            old = json.load(f)
+        if old.get("inputs_sha256") == digest:
+            done = {(r["press"], r["budget"]): r for r in old["rows"] if "error" not in r}
     runner = Runner(a.model, a.threads)
     wanted = list(inp.get("presses", []))
     presses = [n for n in wanted if available(n)]
     skipped = [n for n in wanted if n not in presses]
-    rows = []
+    out = {"kvpress_version": version("kvpress"), "transformers_version": transformers.__version__,
+           "torch_version": torch.__version__, "model": os.path.abspath(a.model), "threads": a.threads,
+           "max_new_tokens": new, "inputs_sha256": digest, "presses_skipped": skipped, "reference": None,
+           "rows": [], "complete": False}
+
+    def save() -> None:  # after every row, so a stopped run keeps what it measured (and --resume goes on)
+        with open(a.out + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(a.out + ".tmp", a.out)
+
     with torch.inference_mode():
-        for name, b in [("none", None)] + [(p, float(b)) for b in inp.get("budgets", []) for p in presses]:
+        # press by press, both budgets each, so a run stopped early still has whole presses
+        for name, b in [("none", None)] + [(p, float(b)) for p in presses for b in inp.get("budgets", [])]:
+            if (name, b) in done:
+                out["rows"].append(done[(name, b)])
+                continue
             try:
                 r = runner.row(name, b, inp, new)
             except Exception as e:  # noqa: BLE001 - reported in the output, the other presses still run
                 print(f"kvpress {name} budget {b}: FAILED {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-                rows.append({"press": name, "budget": b, "error": f"{type(e).__name__}: {e}"})
+                out["rows"].append({"press": name, "budget": b, "error": f"{type(e).__name__}: {e}"})
+                save()
                 continue
             print(f"kvpress {name:18s} budget {b!s:>4}: KV {r['kv_bytes_prefill']} B, passkey {r['passkey']:.2f}, "
                   f"long-context ppl {r['ppl']:.3f} ({r['seconds']} s)", file=sys.stderr, flush=True)
-            rows.append(r)
-        reference = None
+            out["rows"].append(r)
+            save()
         if not a.no_reference and inp.get("long_context"):
             nll, n = 0.0, 0
             for item in inp["long_context"]:
                 x, y = runner.reference_nll(item)
                 nll, n = nll + x, n + y
-            reference = {"ppl_no_cache": math.exp(nll / n), "nll": nll, "tokens": n}
-    out = {"kvpress_version": version("kvpress"), "transformers_version": transformers.__version__,
-           "torch_version": torch.__version__, "model": os.path.abspath(a.model), "threads": a.threads,
-           "max_new_tokens": new, "presses_skipped": skipped, "reference": reference, "rows": rows}
-    with open(a.out, "w") as f:
-        json.dump(out, f, indent=1)
+            out["reference"] = {"ppl_no_cache": math.exp(nll / n), "nll": nll, "tokens": n}
+    out["complete"] = True
+    save()
     return 0
 
 

@@ -2,24 +2,32 @@
 
 kvpress 0.5.5 pins transformers < 5.3, so it runs in its own environment (``.venv-kvpress/`` in the repository root
 unless ``--kvpress-venv`` names another; created here when missing: torch 2.13.0 first, then kvpress 0.5.5 with
-torch held by a constraint). This script (run with kvtool's environment) writes the token ids to a temporary
-``in.json``, runs ``bench/kvpress_runner.py`` in that environment, runs kvtool's methods in-process with the harness
-of ``kvtool eval --tasks merge`` (``prefill_kv_bytes``, ``passkey_accuracy``, ``long_context_nll``), and prints one
-table: method, library, KV bytes after prefill, passkey@2048, long-context perplexity.
+torch held by a constraint). This script (run with kvtool's environment) writes the token ids to ``in.json``, runs
+``bench/kvpress_runner.py`` in that environment (in a second process, beside kvtool's rows, unless ``--serial``),
+runs kvtool's methods in-process with the harness of ``kvtool eval --tasks merge`` (``prefill_kv_bytes``,
+``passkey_accuracy``, ``long_context_nll``), and prints one table: method, library, KV bytes after prefill,
+passkey@2048, long-context perplexity; then the checks (the two "none" rows agree; kvtool's StreamingLLM and H2O
+next to kvpress's StreamingLLM and ObservedAttention).
 
     python bench/vs_kvpress.py [--budgets 0.5,0.35] [--inputs eval|tune] [--methods ...] [--presses ...]
-                               [--variant NAME=JSON ...] [--kvpress-venv DIR] [--no-kvpress] [--json out.json]
+                               [--variant NAME=JSON ...] [--kvpress-venv DIR] [--no-kvpress] [--threads 1]
+                               [--kvpress-cache DIR [--partial]] [--json out.json]
 
 Inputs (``--inputs eval``, the merge task's): 10 passkey prompts of 2048 tokens (``build_cases(tok, (2048,),
 MERGE_PASSKEY_DEPTHS, seed=7)``) and 4 held-out pydoc windows (``heldout_chunks(tok, 4, 2048)``), 512 tokens read
 after a 1536-token context compressed at prefill. ``--inputs tune``: disjoint tuning inputs for choosing a method's
 settings: 6 passkey prompts of another seed and other depths, 4 windows of pydoc's calibration split.
 
-Budgets mean the same total: the share of the prompt KV kept after prefill. kvpress keeps it in every layer; kvtool
-keeps layers 0, 1 and L-1 whole and squeezes the others so the total meets it (``protected_layers`` in a variant
-changes that). The KV bytes column shows the totals are equal to within the rounding of each layer's count.
-``--variant NAME=JSON`` adds kvtool rows with other ``CompressionSettings`` fields (e.g. ``'h2o_all={"method":
-"h2o", "protected_layers": []}'``), at every budget.
+Budgets mean the same total: the share of the prompt KV kept after prefill. kvpress keeps it in every layer; kvtool's
+KVMerger, H2O and StreamingLLM keep layers 0, 1 and L-1 whole and squeeze the others so the total meets it, and
+attnmerge compresses every layer alike. The fair rows (``FAIR``, on unless ``--no-fair``) run kvtool's H2O and
+StreamingLLM with ``protected_layers: []`` too. The KV bytes column shows the totals are equal to within the
+rounding of each layer's count. ``--variant NAME=JSON`` adds kvtool rows with other ``CompressionSettings`` fields
+(e.g. ``'am_w32={"method": "attnmerge", "window": 32}'``), at every budget.
+
+A full run is about 30 rows of ~2 minutes each on one core; ``--kvpress-cache DIR`` keeps both halves' results
+(kvpress's ``out.json``, written after every row, and kvtool's rows keyed by their resolved settings) so a rerun on
+the same inputs measures only what is missing.
 """
 
 from __future__ import annotations
@@ -38,12 +46,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "bench" / "kvpress_runner.py"
 TORCH_PIN = "torch==2.13.0"
 KVPRESS_PIN = "kvpress==0.5.5"
-PRESSES = ("streaming", "observed_attention", "snapkv", "tova", "expected_attention", "knorm", "keydiff",
+PRESSES = ("streaming", "snapkv", "tova", "expected_attention", "observed_attention", "knorm", "keydiff",
            "merging_tova")
 PRESS_NAMES = {"none": "none", "streaming": "StreamingLLM", "observed_attention": "ObservedAttention (≈H2O)",
                "snapkv": "SnapKV", "tova": "TOVA", "expected_attention": "ExpectedAttention", "knorm": "Knorm",
                "keydiff": "KeyDiff", "merging_tova": "Merging(TOVA)"}
-METHOD_NAMES = {"none": "none", "kvmerger": "KVMerger", "h2o": "H2O", "streaming": "StreamingLLM"}
+METHOD_NAMES = {"none": "none", "kvmerger": "KVMerger", "h2o": "H2O", "streaming": "StreamingLLM",
+                "attnmerge": "attnmerge", "h2o_all": "H2O, all layers", "streaming_all": "StreamingLLM, all layers",
+                "attnmerge_evict": "attnmerge, no merging (min_similarity 1)"}
+# the fair rows: kvtool's methods with every layer compressed alike, as kvpress does (kvtool protects 0, 1 and L-1)
+FAIR = {"streaming_all": {"method": "streaming", "protected_layers": []},
+        "h2o_all": {"method": "h2o", "protected_layers": []}}
+# kvtool rows compared with the reference implementation of the same method: (kvtool row, kvpress row)
+SAME_METHOD = (("streaming_all", "streaming"), ("streaming", "streaming"), ("h2o_all", "observed_attention"),
+               ("h2o", "observed_attention"))
+ATTNMERGE_ONLY = ("window", "pool", "min_similarity", "merge_keys", "recent_share")
 TUNE_SEED = 11
 TUNE_DEPTHS = (0.1, 0.25, 0.4, 0.6, 0.75, 0.9)
 PASSKEY_LENGTH, PPL_SAMPLES, PPL_CONTEXT, PPL_NEW = 2048, 4, 1536, 512
@@ -82,9 +99,25 @@ def build_inputs(tok, which: str) -> tuple[list[Any], Any]:
     return cases, long_ids
 
 
-def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any] | None]], log=print
-                ) -> list[dict[str, Any]]:
-    """One row per (name, CompressionSettings fields or None for no compression), in merge_task's harness."""
+def row_key(name: str, fields: dict[str, Any] | None) -> str:
+    """A kvtool row's cache key: its name and resolved settings, less the fields its method does not read."""
+    from kvtool.formats.merge_settings import CompressionSettings
+
+    if fields is None:
+        return json.dumps([name, None])
+    d = CompressionSettings(**fields).to_dict()
+    if d["method"] != "attnmerge":
+        d = {k: v for k, v in d.items() if k not in ATTNMERGE_ONLY}
+    return json.dumps([name, d], sort_keys=True)
+
+
+def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any] | None]], log=print,
+                cache: Path | None = None, cached_only: bool = False) -> list[dict[str, Any]]:
+    """One row per (name, CompressionSettings fields or None for no compression), in merge_task's harness. With
+    ``cache`` (a JSON file), rows measured before on the same inputs with the same resolved settings are reused and
+    every new row is added to it; ``cached_only`` measures nothing and leaves the rest out."""
+    import hashlib
+
     import torch
 
     from kvtool.crosslayer.kv_check import prefill_kv_bytes
@@ -94,10 +127,27 @@ def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any
     from kvtool.merging.compressor import compression
 
     probe = cases[len(cases) // 2].input_ids
+    h = hashlib.sha256()
+    for t in [c.input_ids for c in cases] + [long_ids]:
+        h.update(t.numpy().tobytes())
+    digest = h.hexdigest()
+    stored: dict[str, Any] = {}
+    for path in [] if cache is None else sorted(cache.parent.glob(cache.stem + "*.json")):
+        old = json.loads(path.read_text())  # the cache, and any kvtool_rows*.json of runs made beside it
+        if old.get("inputs_sha256") == digest:
+            stored.update({row_key(r["method"], r.get("resolved") or r["settings"]): r for r in old["rows"].values()})
     rows = []
     for name, fields in runs:
         t0 = time.perf_counter()
         settings = None if fields is None else CompressionSettings(**fields)
+        key = row_key(name, None if settings is None else settings.to_dict())
+        if key in stored:
+            rows.append(stored[key])
+            log(f"kvtool  {name:18s} budget {stored[key]['budget']!s:>4}: reused from {cache}")
+            continue
+        if cached_only:
+            log(f"kvtool  {name:18s} budget {None if fields is None else fields.get('budget')!s:>4}: not measured")
+            continue
         with compression(model, settings) if settings is not None else contextlib.nullcontext():
             kv = prefill_kv_bytes(model, probe)
             acc = passkey_accuracy(model, tok, cases)
@@ -106,11 +156,15 @@ def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any
                 a, b = long_context_nll(model, long_ids[i : i + 1], PPL_CONTEXT)
                 nll, n = nll + a, n + b
         row = {"library": "kvtool", "method": name, "budget": None if fields is None else fields.get("budget"),
-               "settings": fields, "kv_bytes_prefill": kv, "passkey": acc,
-               "ppl": float(torch.tensor(nll / n).exp()), "seconds": round(time.perf_counter() - t0, 1)}
+               "settings": fields, "resolved": None if settings is None else settings.to_dict(),
+               "kv_bytes_prefill": kv, "passkey": acc, "ppl": float(torch.tensor(nll / n).exp()),
+               "seconds": round(time.perf_counter() - t0, 1)}
         log(f"kvtool  {name:18s} budget {row['budget']!s:>4}: KV {kv} B, passkey {acc:.2f}, "
             f"long-context ppl {row['ppl']:.3f} ({row['seconds']} s)")
         rows.append(row)
+        if cache is not None:
+            stored[key] = row
+            cache.write_text(json.dumps({"inputs_sha256": digest, "rows": stored}, indent=1))
     return rows
 
 
@@ -125,6 +179,21 @@ def table(rows: list[dict[str, Any]], none_bytes: int) -> str:
     return "\n".join(out)
 
 
+def same_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """kvtool's re-implementations next to the reference ones, per budget (``SAME_METHOD``)."""
+    by = {(r["library"], r["method"], r["budget"]): r for r in rows}
+    out = []
+    for mine, ref in SAME_METHOD:
+        for (lib, name, b), r in by.items():
+            t = by.get(("kvpress", ref, b))
+            if lib == "kvtool" and name == mine and t is not None:
+                out.append({"kvtool": mine, "kvpress": ref, "budget": b, "kvtool_ppl": r["ppl"],
+                            "kvpress_ppl": t["ppl"], "ppl_rel_diff": (r["ppl"] - t["ppl"]) / t["ppl"],
+                            "kvtool_passkey": r["passkey"], "kvpress_passkey": t["passkey"],
+                            "kv_bytes": [r["kv_bytes_prefill"], t["kv_bytes_prefill"]]})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budgets", default="0.5,0.35", help="kept shares of the prompt KV (comma-separated)")
@@ -135,7 +204,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="an extra kvtool row per budget with these CompressionSettings fields")
     ap.add_argument("--kvpress-venv", type=Path, default=ROOT / ".venv-kvpress")
     ap.add_argument("--no-kvpress", action="store_true", help="kvtool's rows only")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-kvtool", action="store_true", help="run (or cache) the kvpress rows only")
+    ap.add_argument("--kvpress-cache", type=Path, default=None, metavar="DIR",
+                    help="keep the runner's in.json/out.json and kvtool's rows here; a rerun on the same inputs "
+                         "reuses what was measured (kvtool rows by their resolved settings) and measures the rest")
+    ap.add_argument("--partial", action="store_true",
+                    help="with --kvpress-cache: build the table from what the cache holds, measure nothing (the "
+                         "rows of a stopped run; the missing ones are listed)")
+    ap.add_argument("--no-none", action="store_true",
+                    help="skip kvtool's uncompressed row (a partial run that fills --kvpress-cache)")
+    ap.add_argument("--no-fair", action="store_true",
+                    help="leave out the kvtool rows with every layer compressed (protected_layers: [])")
+    ap.add_argument("--serial", action="store_true", help="run kvpress before kvtool instead of beside it")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each of the two processes")
     ap.add_argument("--json", type=Path, default=None, help="write the rows and the checks here")
     a = ap.parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -149,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     budgets = [float(b) for b in a.budgets.split(",") if b]
     methods = [m for m in (a.methods.split(",") if a.methods else METHODS) if m]
-    variants = []
+    variants = [] if a.no_fair else list(FAIR.items())
     for v in a.variant:
         name, _, js = v.partition("=")
         variants.append((name, json.loads(js)))
@@ -159,22 +240,44 @@ def main(argv: list[str] | None = None) -> int:
     log(f"inputs {a.inputs}: {len(cases)} passkey prompts of <= {PASSKEY_LENGTH} tokens, {long_ids.shape[0]} windows "
         f"({PPL_NEW} tokens after {PPL_CONTEXT}); model {model_dir}")
 
-    kvpress_out = None
-    if not a.no_kvpress:
-        py = ensure_kvpress_venv(a.kvpress_venv, log)
-        with tempfile.TemporaryDirectory() as d:
-            inp = {"budgets": budgets, "presses": [p for p in a.presses.split(",") if p], "max_new_tokens": 8,
-                   "passkey": [{"input_ids": c.input_ids[0].tolist(), "key": c.key} for c in cases],
-                   "long_context": [{"input_ids": row.tolist(), "context": PPL_CONTEXT} for row in long_ids]}
-            (Path(d) / "in.json").write_text(json.dumps(inp))
-            subprocess.run([str(py), str(RUNNER), "--model", model_dir, "--inputs", str(Path(d) / "in.json"),
-                            "--out", str(Path(d) / "out.json"), "--threads", str(a.threads)], check=True)
-            kvpress_out = json.loads((Path(d) / "out.json").read_text())
-
-    runs: list[tuple[str, dict[str, Any] | None]] = [("none", None)]
+    runs: list[tuple[str, dict[str, Any] | None]] = [] if a.no_none else [("none", None)]
     runs += [(m, {"method": m, "budget": b}) for b in budgets for m in methods]
     runs += [(name, {**fields, "budget": b}) for b in budgets for name, fields in variants]
-    rows = kvtool_rows(model, tok, cases, long_ids, runs, log)
+    kvpress_out = None
+    with tempfile.TemporaryDirectory() as tmp:
+        d = a.kvpress_cache or Path(tmp)
+        d.mkdir(parents=True, exist_ok=True)
+        proc = None
+        if not a.no_kvpress:
+            inp = json.dumps({"budgets": budgets, "presses": [p for p in a.presses.split(",") if p],
+                              "max_new_tokens": 8,
+                              "passkey": [{"input_ids": c.input_ids[0].tolist(), "key": c.key} for c in cases],
+                              "long_context": [{"input_ids": row.tolist(), "context": PPL_CONTEXT}
+                                               for row in long_ids]})
+            same = (d / "out.json").is_file() and (d / "in.json").is_file() and (d / "in.json").read_text() == inp
+            done = same and (a.partial or json.loads((d / "out.json").read_text()).get("complete", False))
+            if done:
+                log(f"kvpress rows: reusing {d / 'out.json'} (made by bench/kvpress_runner.py on these inputs)")
+            else:
+                if not same:
+                    (d / "out.json").unlink(missing_ok=True)
+                    (d / "in.json").write_text(inp)
+                py = ensure_kvpress_venv(a.kvpress_venv, log)
+                cmd = [str(py), str(RUNNER), "--model", model_dir, "--inputs", str(d / "in.json"),
+                       "--out", str(d / "out.json"), "--threads", str(a.threads), "--resume"]
+                if a.serial or a.no_kvtool:
+                    subprocess.run(cmd, check=True)
+                else:  # kvpress's rows in its own process while kvtool's run here (one core each, --threads 1)
+                    proc = subprocess.Popen(cmd)
+        rows = [] if a.no_kvtool else kvtool_rows(model, tok, cases, long_ids, runs, log,
+                                                  None if a.kvpress_cache is None else d / "kvtool_rows.json",
+                                                  cached_only=a.partial)
+        if proc is not None and proc.wait() != 0:
+            raise SystemExit(f"bench/kvpress_runner.py failed with exit status {proc.returncode}")
+        if not a.no_kvpress:
+            kvpress_out = json.loads((d / "out.json").read_text())
+    if a.no_kvtool:
+        return 0
     checks: dict[str, Any] = {}
     if kvpress_out is not None:
         for r in kvpress_out["rows"]:
@@ -189,13 +292,28 @@ def main(argv: list[str] | None = None) -> int:
                   "kv_bytes_same": mine["kv_bytes_prefill"] == theirs["kv_bytes_prefill"],
                   "kvpress_no_cache_ppl": (kvpress_out.get("reference") or {}).get("ppl_no_cache"),
                   "kvpress_errors": [r for r in kvpress_out["rows"] if "error" in r],
-                  "kvpress_skipped": kvpress_out["presses_skipped"]}
+                  "kvpress_skipped": kvpress_out["presses_skipped"],
+                  "kvpress_complete": kvpress_out.get("complete", True),
+                  "kvpress_not_measured": [f"{p}@{b:g}" for p in a.presses.split(",") if p for b in budgets
+                                           if not any(r["press"] == p and r["budget"] == b and "error" not in r
+                                                      for r in kvpress_out["rows"])]}
         checks["agree"] = checks["ppl_rel_diff"] < 1e-3 and checks["passkey_same"] and checks["kv_bytes_same"]
+        checks["same_method"] = same_method(rows)
+    have = {(r["method"], r["budget"]) for r in rows if r["library"] == "kvtool"}
+    checks["kvtool_not_measured"] = [f"{n}@{(f or {}).get('budget', '-')}" for n, f in runs
+                                     if (n, None if f is None else f.get("budget")) not in have]
     order = {b: i for i, b in enumerate([None, *budgets])}
     rows.sort(key=lambda r: (order.get(r["budget"], len(order)), r["library"] != "kvtool"))
     none_bytes = rows[0]["kv_bytes_prefill"]
     print(table(rows, none_bytes))
-    if checks:
+    for c in checks.get("same_method", []):
+        print(f"kvtool {c['kvtool']} vs kvpress {c['kvpress']} at {c['budget']:g}: ppl {c['kvtool_ppl']:.3f} vs "
+              f"{c['kvpress_ppl']:.3f} ({c['ppl_rel_diff']:+.1%}), passkey {c['kvtool_passkey']:.2f} vs "
+              f"{c['kvpress_passkey']:.2f}")
+    missing = checks.get("kvtool_not_measured", []) + checks.get("kvpress_not_measured", [])
+    if missing:
+        print(f"not measured (run stopped): {', '.join(missing)}")
+    if checks.get("ppl_rel_diff") is not None:
         print(f"\n'none' rows agree: {checks['agree']} (ppl relative difference {checks['ppl_rel_diff']:.1e}, "
               f"same passkey {checks['passkey_same']}, same KV bytes {checks['kv_bytes_same']})")
     if a.json:

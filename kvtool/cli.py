@@ -336,7 +336,8 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="do not apply the chat template")] = False,
     merge_budget: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="compress the prompt KV to this share (default: the export's setting)")] = None,
-    merge_method: Annotated[str, typer.Option(help="kvmerger, h2o or streaming (with --merge-budget)")] = "kvmerger",
+    merge_method: Annotated[str, typer.Option(help="kvmerger, attnmerge, h2o or streaming (with "
+                                                   "--merge-budget)")] = "kvmerger",
     no_merge: Annotated[bool, typer.Option("--no-merge", help="turn off the export's prompt KV merging")] = False,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -378,8 +379,8 @@ def eval_(
     merge_budget: Annotated[list[float] | None, typer.Option(
         "--merge-budget", help="compare KV merging with H2O/StreamingLLM eviction at this share of the prompt KV "
                                "(repeat the option; default: the plan's merge budget)")] = None,
-    merge_methods: Annotated[str, typer.Option(help="comma list of kvmerger,h2o,streaming")] =
-        "kvmerger,h2o,streaming",
+    merge_methods: Annotated[str, typer.Option(help="comma list of kvmerger,attnmerge,h2o,streaming")] =
+        "kvmerger,attnmerge,h2o,streaming",
     merge_length: Annotated[int, typer.Option(min=64, help="passkey prompt length for the merge task")] = 2048,
     merge_depths: Annotated[int, typer.Option(min=1, help="passkey depths (evenly spaced) for the merge task")] = 10,
     merge_ppl_samples: Annotated[int, typer.Option(min=1, help="long-context perplexity windows")] = 4,

@@ -10,6 +10,7 @@ from kvtool.cli import app
 from kvtool.data.passkey import answer_ok, build_cases
 from kvtool.evaluation.evaluate import evaluate
 from kvtool.evaluation.variants import EvalSettings
+from kvtool.formats.merge_settings import METHODS
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
 
@@ -95,11 +96,11 @@ def test_merge_task_compares_merging_with_eviction(tiny_dir, tmp_path):
     rep = evaluate(plan=tmp_path / "m.json", model=str(tiny_dir), settings=fast, tasks=("merge",))
     rows = rep["tasks"]["merge"]["rows"]
     assert [(r["variant"], r["method"]) for r in rows] == [
-        (v, m) for v in ("base", "shared") for m in ("none", "kvmerger", "h2o", "streaming")]
+        (v, m) for v in ("base", "shared") for m in ("none", *METHODS)]
     by = {(r["variant"], r["method"]): r for r in rows}
     assert by["base", "none"]["kv_ratio"] == 1.0
     assert by["shared", "none"]["kv_ratio"] == pytest.approx(4 / 6)
-    for m in ("kvmerger", "h2o", "streaming"):  # 64-token prompt, every owner keeps floor(0.5 * T) entries
+    for m in METHODS:  # 64-token prompt, every owner keeps floor(0.5 * T) entries
         assert by["base", m]["kv_ratio"] == pytest.approx(0.5, abs=0.02)
         assert by["shared", m]["kv_ratio"] == pytest.approx(0.5 * 4 / 6, abs=0.02)
         assert 0 <= by["shared", m]["passkey"] <= 1 and by["shared", m]["ppl"] > 1

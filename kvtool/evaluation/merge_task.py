@@ -1,5 +1,5 @@
-"""``kvtool eval --merge-budget``: KVMerger against H2O and StreamingLLM eviction at the same budgets, on the base
-model and on the shared one, in one harness: KV bytes after prefill, passkey retrieval on long prompts, and
+"""``kvtool eval --merge-budget``: KVMerger and attnmerge against H2O and StreamingLLM eviction at the same budgets,
+on the base model and on the shared one, in one harness: KV bytes after prefill, passkey retrieval on long prompts, and
 perplexity of a continuation read over a compressed long context.
 """
 
@@ -58,9 +58,11 @@ def compare_compression(v: Variants, budgets: list[float], methods: tuple[str, .
         with v.use(which) as m:
             for method, budget in [("none", None), *[(mt, b) for b in budgets for mt in methods]]:
                 t0 = time.time()
+                own = {} if method != "attnmerge" or template.method == "attnmerge" else {
+                    "size_bias": None, "protected_layers": None}  # attnmerge's own defaults, not KVMerger's
                 settings = None if method == "none" else CompressionSettings(
                     **{**template.to_dict(), "method": method, "budget": budget,
-                       "thresholds": template.thresholds if method == "kvmerger" else None})
+                       "thresholds": template.thresholds if method == "kvmerger" else None, **own})
                 with compression(m, settings) if settings is not None else contextlib.nullcontext():
                     kv = prefill_kv_bytes(m, probe_ids)
                     acc = passkey_accuracy(m, tok, cases)

@@ -1,5 +1,5 @@
-"""Prompt-KV compression settings (KVMerger, or the H2O / StreamingLLM eviction baselines) and the per-layer share
-of the prompt each owner layer keeps. Pure data: the compressor that applies them is ``kvtool.merging``.
+"""Prompt-KV compression settings (KVMerger, attnmerge, or the H2O / StreamingLLM eviction baselines) and the
+per-layer share of the prompt each owner layer keeps. Pure data: the compressor that applies them is ``kvtool.merging``.
 
 ``budget`` is the kept share of the prompt KV the model stores in its full-attention owner layers. Consumers store
 nothing and sliding-window layers keep their bounded window, so neither counts; the protected layers (KVMerger's
@@ -14,13 +14,17 @@ from typing import Any
 
 from kvtool.errors import KvtoolError, quoted
 
-METHODS = ("kvmerger", "h2o", "streaming")
+METHODS = ("kvmerger", "h2o", "streaming", "attnmerge")
 # KVMerger's constants (paper: ε = 0.75, σ ≈ 5), and the tokens every method leaves whole
 DEFAULT_EPS = 0.75
 DEFAULT_SIGMA = 5.0
 DEFAULT_SINKS = 4
 DEFAULT_RECENT = 32
 DEFAULT_HEAVY = 0.25
+# attnmerge's (kvtool.merging.attnmerge): observation window, score smoothing, least key similarity to merge
+DEFAULT_WINDOW = 64
+DEFAULT_POOL = 5
+DEFAULT_MIN_SIMILARITY = 0.9
 _INFO_KEYS = {"layer_budget"}  # written by `search --merge-budget` for reading, recomputed at load
 
 
@@ -38,9 +42,25 @@ class CompressionSettings:
     sinks: int = DEFAULT_SINKS  # first real tokens never merged / always kept (StreamingLLM)
     recent: int = DEFAULT_RECENT  # most recent prompt tokens never merged (capped at a quarter of the kept entries)
     heavy: float = DEFAULT_HEAVY  # share of the kept entries reserved for heavy hitters (accumulated attention)
-    size_bias: bool = False  # beyond the paper: an entry of m merged tokens gets + log m on its attention logits
-    protected_layers: list[int] | None = None  # None: KVMerger's first two and last layers
+    # beyond the paper: an entry of m merged tokens gets + log m on its attention logits (None: on for attnmerge only)
+    size_bias: bool | None = None
+    protected_layers: list[int] | None = None  # None: KVMerger's first two and last layers (attnmerge: none)
     thresholds: list[list[float] | None] | None = None  # calibrated per layer and KV head (`search --merge-budget`)
+    # attnmerge only: score = attention of the last `window` prompt queries (0: all), average-pooled over `pool`
+    # tokens; a dropped token merges into its most similar kept one if their key cosine reaches `min_similarity`
+    window: int = DEFAULT_WINDOW
+    pool: int = DEFAULT_POOL
+    min_similarity: float = DEFAULT_MIN_SIMILARITY
+    merge_keys: bool = False  # attnmerge: average keys too (default: values only, keys stay the kept token's)
+    recent_share: float = 0.0  # attnmerge: share of the kept entries always given to the most recent tokens
+
+    def __post_init__(self) -> None:
+        # attnmerge's own defaults: every layer compressed alike (keeping layers 0, 1 and L-1 whole cost it quality
+        # on SmolLM2), and the size bias on
+        if self.method == "attnmerge" and self.protected_layers is None:
+            self.protected_layers = []
+        if self.size_bias is None:
+            self.size_bias = self.method == "attnmerge"
 
     def validate(self) -> CompressionSettings:
         if self.method not in METHODS:
@@ -52,6 +72,10 @@ class CompressionSettings:
             raise KvtoolError(f"merge budget must be in (0, 1], got {self.budget}")
         if self.sigma <= 0 or self.sinks < 0 or self.recent < 0 or not 0 <= self.heavy <= 0.75:
             raise KvtoolError("compression: sigma must be > 0, sinks/recent >= 0 and heavy in [0, 0.75]")
+        if (self.window < 0 or self.pool < 1 or not -1 <= self.min_similarity <= 1
+                or not 0 <= self.recent_share <= 0.9):
+            raise KvtoolError("compression: window must be >= 0, pool >= 1, min_similarity in [-1, 1] and "
+                              "recent_share in [0, 0.9]")
         return self
 
     def to_dict(self) -> dict[str, Any]:

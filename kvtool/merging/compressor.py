@@ -1,5 +1,6 @@
-"""Prompt KV compression at prefill, composable with layer sharing: KVMerger merging, or the H2O / StreamingLLM
-eviction baselines in the same harness and at the same budget.
+"""Prompt KV compression at prefill, composable with layer sharing: KVMerger merging, attnmerge (keep by the last
+queries' attention, merge the rest into their most similar kept token), or the H2O / StreamingLLM eviction baselines
+in the same harness and at the same budget.
 
 It runs inside the sharing runtime's attention forward (``kvtool.crosslayer.attention``): an owner layer attends over
 its full prompt KV as usual, then computes the accumulated attention of its own queries, compresses its cache slot
@@ -29,6 +30,7 @@ from kvtool.crosslayer.runtime import apply_sharing, remove_sharing, sharing_sta
 from kvtool.errors import KvtoolError
 from kvtool.formats.merge_settings import CompressionSettings, layer_keep
 from kvtool.formats.plan import SharingPlan
+from kvtool.merging.attnmerge import attn_merge_rows, window_attention
 from kvtool.merging.compressed_cache import CompressedLayer
 from kvtool.merging.eviction import gather_rows, h2o_keep, streaming_keep
 from kvtool.merging.kvmerger import merge_rows
@@ -104,7 +106,7 @@ class Compressor:
         pad = (~allowed[:, 0, -1, :]).repeat_interleave(Hkv, dim=0)  # [B*Hkv, T]: padding (left) positions
         keys, values = layer.keys.reshape(B * Hkv, T, D), layer.values.reshape(B * Hkv, T, D)
         acc = None
-        if s.method != "streaming":
+        if s.method in ("kvmerger", "h2o"):
             acc = accumulated_attention(q, layer.keys, allowed, module.scaling).reshape(B * Hkv, T)
         thr = sizes = None
         if s.method == "kvmerger":
@@ -117,6 +119,14 @@ class Compressor:
             k2, v2, pos, thr = r.keys, r.values, r.positions, r.threshold
             if s.size_bias:
                 sizes = r.sizes
+        elif s.method == "attnmerge":
+            score = window_attention(q, layer.keys, allowed, module.scaling, s.window).reshape(B * Hkv, T)
+            recent = max(min(s.recent, n // 4), math.floor(s.recent_share * n))
+            a = attn_merge_rows(keys, values, score, n, pad=pad, sinks=s.sinks, recent=recent,
+                                pool=s.pool, min_similarity=s.min_similarity, merge_keys=s.merge_keys)
+            k2, v2, pos = a.keys, a.values, a.positions
+            if s.size_bias:
+                sizes = a.sizes
         else:
             pos = h2o_keep(acc, pad, n) if s.method == "h2o" else streaming_keep(pad, n, s.sinks)
             k2, v2 = gather_rows(keys, pos), gather_rows(values, pos)
