@@ -37,7 +37,7 @@ def test_an_export_of_a_search_plan_records_the_recipe_it_came_from(tiny_dir, tm
     from kvtool.search import search
 
     st = calibrate(tiny_dir, samples=4, seq_len=16, seed=2)
-    plan = search(st, model=tiny_dir, target=0.34, order="random", seed=5).plan
+    plan = search(st, model=tiny_dir, target=0.33, order="random", seed=5).plan
     export(plan, out=tmp_path / "e")
     rec = Recipe.from_dict(read_sidecar(tmp_path / "e")["recipe"])
     assert (rec.calibration.seed, rec.calibration.samples, rec.search.order, rec.search.seed) == (2, 4, "random", 5)
