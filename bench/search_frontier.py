@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from search_speed import parse_variant  # bench/ is on the path when run as a script
+
 METHODS = {
     "layer path": {},
     "layer path + refine 16": {"refine": 16},
@@ -27,15 +29,6 @@ METHODS = {
     "tensor path + refine 16": {"granularity": "tensor", "refine": 16},
     "tensor beam 4": {"granularity": "tensor", "beam_width": 4},
 }
-
-
-def parse_method(text: str) -> tuple[str, dict]:
-    name, _, kv = text.partition("=")
-    out: dict = {}
-    for item in filter(None, kv.split(",")):
-        k, _, v = item.partition(":")
-        out[k] = json.loads(v)
-    return name, out
 
 
 def main() -> None:
@@ -67,7 +60,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     methods = dict(METHODS)
-    methods.update(dict(parse_method(m) for m in a.method))
+    methods.update(dict(parse_variant(m) for m in a.method))
     if a.only:
         methods = {k: methods[k] for k in a.only.split(",")}
     targets = [float(t) for t in a.targets.split(",") if t]

@@ -30,22 +30,22 @@ def identity(num_layers: int) -> Sources:
     return tuple(range(num_layers)), tuple(range(num_layers))
 
 
-def apply_move(src: Sources, m: Move) -> Sources:
+def _point(src: Sources, m: Move, to: int) -> Sources:
+    """``src`` with layer ``m.j``'s tensors of the move read from layer ``to``."""
     k, v = list(src[0]), list(src[1])
     if "k" in m.tensors:
-        k[m.j] = m.i
+        k[m.j] = to
     if "v" in m.tensors:
-        v[m.j] = m.i
+        v[m.j] = to
     return tuple(k), tuple(v)
+
+
+def apply_move(src: Sources, m: Move) -> Sources:
+    return _point(src, m, m.i)
 
 
 def undo_move(src: Sources, m: Move) -> Sources:
-    k, v = list(src[0]), list(src[1])
-    if "k" in m.tensors:
-        k[m.j] = m.j
-    if "v" in m.tensors:
-        v[m.j] = m.j
-    return tuple(k), tuple(v)
+    return _point(src, m, m.j)
 
 
 def saved_units(m: Move, units: list[int]) -> int:
@@ -93,9 +93,7 @@ class Goal:
     layers: int | None = None
 
     def reached(self, src: Sources) -> bool:
-        if self.layers is not None:
-            return sum(1 for j, (a, b) in enumerate(zip(*src, strict=True)) if a != j and b != j) >= self.layers
-        return removed_units(src, list(self.units)) >= self.needed
+        return self.left(src) == 0
 
     def left(self, src: Sources) -> int:
         """Units still to remove (for ``layers``: a whole layer's worth per missing consumer)."""
