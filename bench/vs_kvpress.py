@@ -60,7 +60,7 @@ FAIR = {"streaming_all": {"method": "streaming", "protected_layers": []},
 # kvtool rows compared with the reference implementation of the same method: (kvtool row, kvpress row)
 SAME_METHOD = (("streaming_all", "streaming"), ("streaming", "streaming"), ("h2o_all", "observed_attention"),
                ("h2o", "observed_attention"))
-ATTNMERGE_ONLY = ("window", "pool", "min_similarity", "merge_keys", "recent_share")
+ATTNMERGE_ONLY = ("window", "pool", "min_similarity", "merge_keys", "recent_share", "mix")
 TUNE_SEED = 11
 TUNE_DEPTHS = (0.1, 0.25, 0.4, 0.6, 0.75, 0.9)
 PASSKEY_LENGTH, PPL_SAMPLES, PPL_CONTEXT, PPL_NEW = 2048, 4, 1536, 512
@@ -108,6 +108,8 @@ def row_key(name: str, fields: dict[str, Any] | None) -> str:
     d = CompressionSettings(**fields).to_dict()
     if d["method"] != "attnmerge":
         d = {k: v for k, v in d.items() if k not in ATTNMERGE_ONLY}
+    elif d["mix"] == 0.0:
+        del d["mix"]  # added later: rows measured before it existed keep their key
     return json.dumps([name, d], sort_keys=True)
 
 

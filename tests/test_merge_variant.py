@@ -115,6 +115,8 @@ def test_settings_know_the_method_and_check_its_fields():
         CompressionSettings(method="attnmerge", budget=None).validate()
     with pytest.raises(KvtoolError):
         CompressionSettings(method="attnmerge", pool=0).validate()
+    with pytest.raises(KvtoolError):
+        CompressionSettings(method="attnmerge", mix=-1.0).validate()
     assert CompressionSettings().method == "kvmerger"  # the paper's method stays the default
     k, a = CompressionSettings(), CompressionSettings(method="attnmerge")
     assert (k.size_bias, k.protected_layers) == (False, None)  # KVMerger as before
@@ -123,7 +125,8 @@ def test_settings_know_the_method_and_check_its_fields():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
-@pytest.mark.parametrize("extra", [{}, {"size_bias": False}, {"merge_keys": True, "window": 0, "pool": 1}])
+@pytest.mark.parametrize("extra", [{}, {"size_bias": False}, {"merge_keys": True, "window": 0, "pool": 1},
+                                   {"mix": 1.0}])
 @torch.no_grad()
 def test_composes_with_sharing_at_an_exact_budget(arch, extra):
     m = tiny_model(arch)

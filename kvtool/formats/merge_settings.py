@@ -53,6 +53,8 @@ class CompressionSettings:
     min_similarity: float = DEFAULT_MIN_SIMILARITY
     merge_keys: bool = False  # attnmerge: average keys too (default: values only, keys stay the kept token's)
     recent_share: float = 0.0  # attnmerge: share of the kept entries always given to the most recent tokens
+    # attnmerge: weight of H2O's score (every prompt query's attention) added to the window's, each summing to 1
+    mix: float = 0.0
 
     def __post_init__(self) -> None:
         # attnmerge's own defaults: every layer compressed alike (keeping layers 0, 1 and L-1 whole cost it quality
@@ -73,9 +75,9 @@ class CompressionSettings:
         if self.sigma <= 0 or self.sinks < 0 or self.recent < 0 or not 0 <= self.heavy <= 0.75:
             raise KvtoolError("compression: sigma must be > 0, sinks/recent >= 0 and heavy in [0, 0.75]")
         if (self.window < 0 or self.pool < 1 or not -1 <= self.min_similarity <= 1
-                or not 0 <= self.recent_share <= 0.9):
-            raise KvtoolError("compression: window must be >= 0, pool >= 1, min_similarity in [-1, 1] and "
-                              "recent_share in [0, 0.9]")
+                or not 0 <= self.recent_share <= 0.9 or self.mix < 0):
+            raise KvtoolError("compression: window must be >= 0, pool >= 1, min_similarity in [-1, 1], "
+                              "recent_share in [0, 0.9] and mix >= 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -61,6 +61,11 @@ def accumulated_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tenso
     return acc.view(B, Hkv, Hq // Hkv, T).sum(2)
 
 
+def _unit(score: torch.Tensor) -> torch.Tensor:
+    """Each row of ``score`` [R, T] scaled to sum to 1."""
+    return score / score.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
 class Compressor:
     """The hook the sharing runtime calls in each attention forward (see ``crosslayer.attention.attention_forward``)."""
 
@@ -121,6 +126,9 @@ class Compressor:
                 sizes = r.sizes
         elif s.method == "attnmerge":
             score = window_attention(q, layer.keys, allowed, module.scaling, s.window).reshape(B * Hkv, T)
+            if s.mix > 0:
+                acc = accumulated_attention(q, layer.keys, allowed, module.scaling).reshape(B * Hkv, T)
+                score = _unit(score) + s.mix * _unit(acc)
             recent = max(min(s.recent, n // 4), math.floor(s.recent_share * n))
             a = attn_merge_rows(keys, values, score, n, pad=pad, sinks=s.sinks, recent=recent,
                                 pool=s.pool, min_similarity=s.min_similarity, merge_keys=s.merge_keys)
