@@ -170,14 +170,16 @@ def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any
     return rows
 
 
-def table(rows: list[dict[str, Any]], none_bytes: int) -> str:
+def table(rows: list[dict[str, Any]], none_bytes: int | None) -> str:
+    """The markdown table; ``none_bytes``: the uncompressed prompt's KV bytes (None: not measured, no ratio)."""
     out = ["| method | library | budget | KV bytes after prefill | / none | passkey@2048 | long-context ppl |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         names = METHOD_NAMES if r["library"] == "kvtool" else PRESS_NAMES
         b = "–" if r["budget"] is None else f"{r['budget']:g}"
         out.append(f"| {names.get(r['method'], r['method'])} | {r['library']} | {b} | {r['kv_bytes_prefill']:,} | "
-                   f"{r['kv_bytes_prefill'] / none_bytes:.3f} | {r['passkey']:.2f} | {r['ppl']:.3f} |")
+                   f"{'–' if not none_bytes else format(r['kv_bytes_prefill'] / none_bytes, '.3f')} | "
+                   f"{r['passkey']:.2f} | {r['ppl']:.3f} |")
     return "\n".join(out)
 
 
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                                      if (n, None if f is None else f.get("budget")) not in have]
     order = {b: i for i, b in enumerate([None, *budgets])}
     rows.sort(key=lambda r: (order.get(r["budget"], len(order)), r["library"] != "kvtool"))
-    none_bytes = rows[0]["kv_bytes_prefill"]
+    none_bytes = next((r["kv_bytes_prefill"] for r in rows if r["method"] == "none"), None)
     print(table(rows, none_bytes))
     for c in checks.get("same_method", []):
         print(f"kvtool {c['kvtool']} vs kvpress {c['kvpress']} at {c['budget']:g}: ppl {c['kvtool_ppl']:.3f} vs "
