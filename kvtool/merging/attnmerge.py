@@ -6,7 +6,8 @@ Batched over rows (batch × KV head), at a fixed count per row, like the evictio
 - Score (SnapKV / TOVA style): the attention the last ``window`` prompt queries give each prompt key, summed over
   those queries and the query heads that share the KV head, smoothed along the sequence by an average pool of
   width ``pool`` (1: none). ``window=1`` is TOVA's score, ``window=0`` every prompt query's (H2O's accumulated
-  attention).
+  attention). With ``mix`` > 0 (``CompressionSettings``) the compressor adds H2O's score, both scaled to sum to 1
+  per row, weighted by ``mix`` (measured worse on SmolLM2, so off by default).
 - Kept: the first ``sinks`` real tokens, the last ``recent`` tokens, and the best-scored rest, ``keep`` in all.
 - Merged: every dropped real token joins the kept real token whose key (after RoPE) is the most cosine-similar, if
   that similarity reaches ``min_similarity`` (otherwise it is evicted). An entry's value becomes the mean of its
