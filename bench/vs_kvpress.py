@@ -289,11 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"library": "kvpress", "method": r["press"], "budget": r["budget"],
                              "settings": r["kvpress_kwargs"], "kv_bytes_prefill": r["kv_bytes_prefill"],
                              "passkey": r["passkey"], "ppl": r["ppl"], "seconds": r["seconds"]})
-        mine = rows[0]
+        mine = next((r for r in rows if r["library"] == "kvtool" and r["method"] == "none"), None)
         theirs = next(r for r in rows if r["library"] == "kvpress" and r["method"] == "none")
-        checks = {"ppl_rel_diff": abs(mine["ppl"] - theirs["ppl"]) / theirs["ppl"],
-                  "passkey_same": mine["passkey"] == theirs["passkey"],
-                  "kv_bytes_same": mine["kv_bytes_prefill"] == theirs["kv_bytes_prefill"],
+        cmp = mine is not None  # no kvtool "none" row (--no-none): the two are not compared
+        checks = {"ppl_rel_diff": abs(mine["ppl"] - theirs["ppl"]) / theirs["ppl"] if cmp else None,
+                  "passkey_same": mine["passkey"] == theirs["passkey"] if cmp else None,
+                  "kv_bytes_same": mine["kv_bytes_prefill"] == theirs["kv_bytes_prefill"] if cmp else None,
                   "kvpress_no_cache_ppl": (kvpress_out.get("reference") or {}).get("ppl_no_cache"),
                   "kvpress_errors": [r for r in kvpress_out["rows"] if "error" in r],
                   "kvpress_skipped": kvpress_out["presses_skipped"],
@@ -301,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                   "kvpress_not_measured": [f"{p}@{b:g}" for p in a.presses.split(",") if p for b in budgets
                                            if not any(r["press"] == p and r["budget"] == b and "error" not in r
                                                       for r in kvpress_out["rows"])]}
-        checks["agree"] = checks["ppl_rel_diff"] < 1e-3 and checks["passkey_same"] and checks["kv_bytes_same"]
+        checks["agree"] = (checks["ppl_rel_diff"] < 1e-3 and checks["passkey_same"] and checks["kv_bytes_same"]
+                           if cmp else None)
         checks["same_method"] = same_method(rows)
     have = {(r["method"], r["budget"]) for r in rows if r["library"] == "kvtool"}
     checks["kvtool_not_measured"] = [f"{n}@{(f or {}).get('budget', '-')}" for n, f in runs
