@@ -18,6 +18,18 @@ def ids(b: int = 2, t: int = 20, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+def left_padded(t: int = 30, pad: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids(t=t)`` and an attention mask whose first row is left-padded by ``pad`` tokens."""
+    x = ids(t=t)
+    mask = torch.ones_like(x)
+    mask[0, :pad] = 0
+    return x, mask
+
+
+# compress every layer: tiny models have 6 layers, and protecting 3 would leave no room for a budget
+ALL_LAYERS = dict(protected_layers=[])
+
+
 def tensor_plan_for(model, moves=((2, "k"), (3, "v"), (4, "k"), (4, "v"), (5, "k"))) -> SharingPlan:
     """A per-tensor plan: each (layer, "k"|"v") move reads that tensor from the nearest earlier layer of the same
     attention type that owns it (moves with no such layer are skipped)."""

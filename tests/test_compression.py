@@ -17,19 +17,14 @@ from kvtool.formats.merge_settings import METHODS, CompressionSettings, layer_ke
 from kvtool.io.tiny import TINY_ARCHS, tiny_model
 from kvtool.merging.compressed_cache import CompressedLayer
 from kvtool.merging.compressor import active_compression, compression
-from tests.helpers import plan_for
-
-ALL_LAYERS = dict(protected_layers=[])  # tiny models have 6 layers: protecting 3 would leave no room for a budget
-
-
-def _ids(b=2, t=40, seed=0):
-    return torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+from tests.helpers import ALL_LAYERS, left_padded, plan_for
+from tests.helpers import ids as _ids
 
 
 @torch.no_grad()
 def test_budget_one_is_bit_identical():
     m = tiny_model("llama")
-    ids = _ids()
+    ids = _ids(t=40)
     c0 = DynamicCache(config=m.config)
     base = m(ids, **cache_kwargs(m, c0)).logits
     g0 = m.generate(ids, max_new_tokens=6, do_sample=False)
@@ -79,9 +74,7 @@ def test_protected_layers_get_a_tighter_share_and_sharing_counts_owners():
 def test_generate_with_sharing_and_compression(arch, method):
     m = tiny_model(arch)
     plan = plan_for(m)
-    ids = _ids(t=30)
-    mask = torch.ones_like(ids)
-    mask[0, :6] = 0  # left padding
+    ids, mask = left_padded(30, 6)
     with sharing(m, plan), compression(m, method=method, budget=0.5, **ALL_LAYERS):
         for kw in ({"do_sample": False}, {"do_sample": True, "top_k": 5}, {"num_beams": 2, "do_sample": False}):
             out = m.generate(ids, attention_mask=mask, max_new_tokens=5, **kw)
@@ -103,9 +96,7 @@ def test_generate_with_sharing_and_compression(arch, method):
 @torch.no_grad()
 def test_padding_content_never_leaks_into_the_real_row(method):
     m = tiny_model("llama")
-    ids = _ids(t=30)
-    mask = torch.ones_like(ids)
-    mask[0, :8] = 0
+    ids, mask = left_padded(30, 8)
     other = ids.clone()
     other[0, :8] = torch.arange(100, 108)
     outs = []

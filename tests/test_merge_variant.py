@@ -17,9 +17,7 @@ from kvtool.io.tiny import tiny_model
 from kvtool.merging.attnmerge import attn_merge_rows, window_attention
 from kvtool.merging.compressed_cache import CompressedLayer
 from kvtool.merging.compressor import accumulated_attention, compression
-from tests.helpers import ids, plan_for
-
-ALL_LAYERS = dict(protected_layers=[])
+from tests.helpers import ALL_LAYERS, ids, left_padded, plan_for
 
 
 def _causal(B, T):
@@ -131,9 +129,7 @@ def test_settings_know_the_method_and_check_its_fields():
 def test_composes_with_sharing_at_an_exact_budget(arch, extra):
     m = tiny_model(arch)
     plan = plan_for(m)
-    x = ids(t=30)
-    mask = torch.ones_like(x)
-    mask[0, :6] = 0
+    x, mask = left_padded(30, 6)
     with sharing(m, plan), compression(m, method="attnmerge", budget=0.5, **ALL_LAYERS, **extra):
         out = m.generate(x, attention_mask=mask, max_new_tokens=5, do_sample=False)
         assert out.shape == (2, 35)
