@@ -16,7 +16,7 @@ from kvtool.formats.merge_settings import METHODS, CompressionSettings
 from kvtool.io.tiny import tiny_model
 from kvtool.merging.attnmerge import attn_merge_rows, window_attention
 from kvtool.merging.compressed_cache import CompressedLayer
-from kvtool.merging.compressor import accumulated_attention, compression
+from kvtool.merging.compressor import compression
 from tests.helpers import ALL_LAYERS, ids, left_padded, plan_for
 
 
@@ -29,7 +29,9 @@ def test_window_scores_are_h2o_at_zero_and_tova_at_one():
     B, Hq, Hkv, T, D = 2, 4, 2, 12, 8
     q, k = torch.randn(B, Hq, T, D), torch.randn(B, Hkv, T, D)
     allowed = _causal(B, T)
-    assert torch.allclose(window_attention(q, k, allowed, 0.3, 0), accumulated_attention(q, k, allowed, 0.3))
+    full = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+    h2o = torch.softmax(full.masked_fill(~allowed, -float("inf")), -1).sum(2)  # every query's attention, summed
+    assert torch.allclose(window_attention(q, k, allowed, 0.3, 0), h2o.view(B, Hkv, 2, T).sum(2), atol=1e-5)
     last = torch.softmax((q[:, :, -1:] @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3, -1)[:, :, 0]
     assert torch.allclose(window_attention(q, k, allowed, 0.3, 1), last.view(B, Hkv, 2, T).sum(2), atol=1e-6)
     w = window_attention(q, k, allowed, 0.3, 5)

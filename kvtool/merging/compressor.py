@@ -46,21 +46,6 @@ def _allowed(mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor:
     return m.expand(B, *m.shape[1:])
 
 
-def accumulated_attention(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor, scaling: float,
-                          chunk: int = 512) -> torch.Tensor:
-    """[B, Hkv, T]: attention each prompt key receives, summed over the prompt's queries and the query heads that
-    share the KV head (H2O's accumulated attention), computed in query chunks."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    kk = k.float().repeat_interleave(Hq // Hkv, dim=1)
-    acc = torch.zeros(B, Hq, T, dtype=torch.float32, device=q.device)
-    for s in range(0, T, chunk):
-        sc = (q[:, :, s : s + chunk].float() @ kk.transpose(-1, -2)) * scaling
-        sc = sc.masked_fill(~allowed[:, :, s : s + chunk], -float("inf"))
-        acc += torch.softmax(sc, dim=-1).nan_to_num(0.0).sum(2)
-    return acc.view(B, Hkv, Hq // Hkv, T).sum(2)
-
-
 def _unit(score: torch.Tensor) -> torch.Tensor:
     """Each row of ``score`` [R, T] scaled to sum to 1."""
     return score / score.sum(-1, keepdim=True).clamp_min(1e-12)
@@ -112,7 +97,7 @@ class Compressor:
         keys, values = layer.keys.reshape(B * Hkv, T, D), layer.values.reshape(B * Hkv, T, D)
         acc = None
         if s.method in ("kvmerger", "h2o"):
-            acc = accumulated_attention(q, layer.keys, allowed, module.scaling).reshape(B * Hkv, T)
+            acc = window_attention(q, layer.keys, allowed, module.scaling, 0).reshape(B * Hkv, T)  # H2O's score
         thr = sizes = None
         if s.method == "kvmerger":
             eps: Any = s.eps
@@ -127,7 +112,7 @@ class Compressor:
         elif s.method == "attnmerge":
             score = window_attention(q, layer.keys, allowed, module.scaling, s.window).reshape(B * Hkv, T)
             if s.mix > 0:
-                acc = accumulated_attention(q, layer.keys, allowed, module.scaling).reshape(B * Hkv, T)
+                acc = window_attention(q, layer.keys, allowed, module.scaling, 0).reshape(B * Hkv, T)  # H2O's score
                 score = _unit(score) + s.mix * _unit(acc)
             recent = max(min(s.recent, n // 4), math.floor(s.recent_share * n))
             a = attn_merge_rows(keys, values, score, n, pad=pad, sinks=s.sinks, recent=recent,
