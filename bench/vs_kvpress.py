@@ -33,7 +33,6 @@ the same inputs measures only what is missing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import subprocess
 import sys
@@ -120,15 +119,9 @@ def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any
     every new row is added to it; ``cached_only`` measures nothing and leaves the rest out."""
     import hashlib
 
-    import torch
-
-    from kvtool.crosslayer.kv_check import prefill_kv_bytes
-    from kvtool.evaluation.merge_task import long_context_nll
-    from kvtool.evaluation.passkey import passkey_accuracy
+    from kvtool.evaluation.merge_task import measure
     from kvtool.formats.merge_settings import CompressionSettings
-    from kvtool.merging.compressor import compression
 
-    probe = cases[len(cases) // 2].input_ids
     h = hashlib.sha256()
     for t in [c.input_ids for c in cases] + [long_ids]:
         h.update(t.numpy().tobytes())
@@ -150,16 +143,10 @@ def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any
         if cached_only:
             log(f"kvtool  {name:18s} budget {None if fields is None else fields.get('budget')!s:>4}: not measured")
             continue
-        with compression(model, settings) if settings is not None else contextlib.nullcontext():
-            kv = prefill_kv_bytes(model, probe)
-            acc = passkey_accuracy(model, tok, cases)
-            nll, n = 0.0, 0
-            for i in range(long_ids.shape[0]):
-                a, b = long_context_nll(model, long_ids[i : i + 1], PPL_CONTEXT)
-                nll, n = nll + a, n + b
+        kv, acc, ppl = measure(model, tok, settings, cases, long_ids, PPL_CONTEXT)
         row = {"library": "kvtool", "method": name, "budget": None if fields is None else fields.get("budget"),
                "settings": fields, "resolved": None if settings is None else settings.to_dict(),
-               "kv_bytes_prefill": kv, "passkey": acc, "ppl": float(torch.tensor(nll / n).exp()),
+               "kv_bytes_prefill": kv, "passkey": acc, "ppl": ppl,
                "seconds": round(time.perf_counter() - t0, 1)}
         log(f"kvtool  {name:18s} budget {row['budget']!s:>4}: KV {kv} B, passkey {acc:.2f}, "
             f"long-context ppl {row['ppl']:.3f} ({row['seconds']} s)")

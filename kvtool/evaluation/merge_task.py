@@ -37,6 +37,21 @@ def long_context_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int
     return nll_sum(torch.cat([first, rest], dim=1), ids[:, context:])
 
 
+def measure(model, tok, settings: CompressionSettings | None, cases, long_ids: torch.Tensor,
+            context: int) -> tuple[int, float, float]:
+    """The merge task's three numbers under ``settings`` (None: uncompressed): KV bytes after the prefill of the
+    middle passkey case, passkey accuracy over ``cases``, and the perplexity of each ``long_ids`` row after
+    ``context`` tokens compressed at prefill."""
+    with compression(model, settings) if settings is not None else contextlib.nullcontext():
+        kv = prefill_kv_bytes(model, cases[len(cases) // 2].input_ids)
+        acc = passkey_accuracy(model, tok, cases)
+        nll, n = 0.0, 0
+        for i in range(long_ids.shape[0]):
+            a, b = long_context_nll(model, long_ids[i : i + 1], context)
+            nll, n = nll + a, n + b
+    return kv, acc, float(torch.tensor(nll / n).exp())
+
+
 def compare_compression(v: Variants, budgets: list[float], methods: tuple[str, ...] = METHODS, *,
                         passkey_length: int = 2048, passkey_depths: tuple[float, ...] = MERGE_PASSKEY_DEPTHS,
                         ppl_samples: int = 4, ppl_context: int = 1536, ppl_new: int = 512, data: str | None = None,
@@ -49,7 +64,6 @@ def compare_compression(v: Variants, budgets: list[float], methods: tuple[str, .
     say = log or (lambda msg: None)
     tok = v.tokenizer
     cases = build_cases(tok, (passkey_length,), passkey_depths, seed=7)
-    probe_ids = cases[len(cases) // 2].input_ids
     long_ids = heldout_chunks(tok, ppl_samples, ppl_context + ppl_new, data).input_ids
     template = base_settings or CompressionSettings()
     rows: list[dict[str, Any]] = []
@@ -63,18 +77,12 @@ def compare_compression(v: Variants, budgets: list[float], methods: tuple[str, .
                 settings = None if method == "none" else CompressionSettings(
                     **{**template.to_dict(), "method": method, "budget": budget,
                        "thresholds": template.thresholds if method == "kvmerger" else None, **own})
-                with compression(m, settings) if settings is not None else contextlib.nullcontext():
-                    kv = prefill_kv_bytes(m, probe_ids)
-                    acc = passkey_accuracy(m, tok, cases)
-                    nll, n = 0.0, 0
-                    for i in range(long_ids.shape[0]):
-                        a, b = long_context_nll(m, long_ids[i : i + 1], ppl_context)
-                        nll, n = nll + a, n + b
+                kv, acc, ppl = measure(m, tok, settings, cases, long_ids, ppl_context)
                 if base_bytes is None:
                     base_bytes = kv
                 row = {"variant": which, "method": method, "budget": budget, "kv_bytes_prefill": kv,
-                       "kv_ratio": kv / base_bytes, "passkey": acc,
-                       "ppl": float(torch.tensor(nll / n).exp()), "seconds": round(time.time() - t0, 1)}
+                       "kv_ratio": kv / base_bytes, "passkey": acc, "ppl": ppl,
+                       "seconds": round(time.time() - t0, 1)}
                 rows.append(row)
                 shown = "-" if budget is None else budget
                 say(f"{which:6s} {method:9s} budget {shown:>4}: KV {row['kv_ratio']:.3f} of base, "
