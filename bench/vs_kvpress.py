@@ -107,8 +107,6 @@ def row_key(name: str, fields: dict[str, Any] | None) -> str:
     d = CompressionSettings(**fields).to_dict()
     if d["method"] != "attnmerge":
         d = {k: v for k, v in d.items() if k not in ATTNMERGE_ONLY}
-    elif d["mix"] == 0.0:
-        del d["mix"]  # added later: rows measured before it existed keep their key
     return json.dumps([name, d], sort_keys=True)
 
 
