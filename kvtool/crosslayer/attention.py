@@ -343,8 +343,15 @@ def drop_kv_modules(model: nn.Module, kv_source_layers: list[int], k_source_laye
                     setattr(attn, name, None)
 
 
+def class_name(model_cls: type) -> str:
+    """An export's architecture name: ``Kvtool`` + the base class (``KvtoolLlamaForCausalLM``), never the base's own
+    name, so no engine builds the unshared base from a checkpoint that lacks the consumers' K/V."""
+    return f"Kvtool{model_cls.__name__}"
+
+
 def make_classes(config_cls: type, model_cls: type, module: str | None = None) -> tuple[type, type]:
-    """A config class (model_type ``kvtool_<base>``) and a *ForCausalLM class that builds the base architecture
+    """A config class (model_type ``kvtool_<base>``) and a *ForCausalLM class (``class_name``) that builds the base
+    architecture
     with sharing installed and the consumers' K/V weights removed; ``from_pretrained`` refuses a checkpoint whose
     tensors do not match the map (a missing or unexpected weight is an error, never a random initialisation)."""
     base_type = config_cls.model_type
@@ -367,7 +374,7 @@ def make_classes(config_cls: type, model_cls: type, module: str | None = None) -
             raise SharingRuntimeError(f"the weights do not match the sharing map in config.json ({desc})")
         return (model, info) if want_info else model
 
-    mdl = type("KvtoolForCausalLM", (model_cls,), {"config_class": cfg, "__init__": __init__,
+    mdl = type(class_name(model_cls), (model_cls,), {"config_class": cfg, "__init__": __init__,
                                                     "from_pretrained": classmethod(from_pretrained)})
     if module is not None:
         cfg.__module__ = mdl.__module__ = module

@@ -34,7 +34,7 @@ from transformers import {config_cls}, {model_cls}
 
 from .kvtool_sharing import make_classes
 
-KvtoolConfig, KvtoolForCausalLM = make_classes({config_cls}, {model_cls}, __name__)
+KvtoolConfig, {arch} = make_classes({config_cls}, {model_cls}, __name__)
 '''
 
 
@@ -93,6 +93,7 @@ def export(
     apply_sharing(model, plan, drop_unused=True)
     weights_fp = model_fingerprint(model)
     cfg_cls, model_cls = base_classes(base_type)
+    arch = attention.class_name(model_cls)
     sidecar = {
         "format": "kvtool-export",
         "format_version": SIDECAR_VERSION,
@@ -116,14 +117,14 @@ def export(
         cfg.pop("kv_sharing_modes", None)
         if plan.per_tensor:
             cfg.update(k_source_layers=plan.k_source_layers, v_source_layers=plan.v_source_layers)
-        cfg.update(model_type=f"kvtool_{base_type}", architectures=["KvtoolForCausalLM"],
+        cfg.update(model_type=f"kvtool_{base_type}", architectures=[arch],
                    kv_source_layers=plan.kv_source_layers,
                    auto_map={"AutoConfig": "modeling_kvtool.KvtoolConfig",
-                             "AutoModelForCausalLM": "modeling_kvtool.KvtoolForCausalLM"})
+                             "AutoModelForCausalLM": f"modeling_kvtool.{arch}"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         (tmp / _MODELING).write_text(_MODELING_TEMPLATE.format(
             base_model=sidecar["base_model"]["name"] or base_type, consumers=len(plan.consumers),
-            layers=plan.num_layers, config_cls=cfg_cls.__name__, model_cls=model_cls.__name__))
+            layers=plan.num_layers, config_cls=cfg_cls.__name__, model_cls=model_cls.__name__, arch=arch))
         shutil.copyfile(attention.__file__, tmp / _SHARING)
         (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
     return Path(out)
