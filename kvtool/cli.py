@@ -32,6 +32,9 @@ ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="HF director
 DtypeOpt = Annotated[str | None, typer.Option(help="float32 (CPU default), bfloat16 or float16")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (spread over GPUs with accelerate)")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite existing outputs")]
+VllmPythonOpt = Annotated[str | None, typer.Option(
+    help="the Python of the vLLM environment (default: this one if it has vLLM and kvtool_vllm, else the "
+         ".venv-vllm that `.ci/install --vllm` builds)")]
 
 
 @contextlib.contextmanager
@@ -396,6 +399,16 @@ def eval_(
     serve_prompt: Annotated[int, typer.Option(min=2, help="serve: prompt tokens per sequence")] = 512,
     serve_new: Annotated[int, typer.Option(min=1, help="serve: generated tokens per sequence")] = 64,
     serve_repeats: Annotated[int, typer.Option(min=1, help="serve: timed runs per variant")] = 3,
+    engine: Annotated[str | None, typer.Option(help="'vllm': serve the export and its base in vLLM side by side "
+                                                    "(KV blocks, concurrency, tokens/s, log-probabilities vs "
+                                                    "kvtool.load); runs instead of --tasks")] = None,
+    kv_cache_memory: Annotated[str, typer.Option(help="engine: KV-cache memory of each vLLM engine")] = "256MiB",
+    kv_cache_dtypes: Annotated[str, typer.Option(help="engine: comma list of vLLM KV-cache dtypes to compare "
+                                                      "(auto = the model's; fp8, fp8_e4m3, fp8_e5m2)")] = "auto,fp8",
+    engine_prompt: Annotated[int, typer.Option(min=1, help="engine: prompt tokens per throughput request")] = 448,
+    engine_new: Annotated[int, typer.Option(min=1, help="engine: generated tokens per throughput request")] = 64,
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="engine: vLLM tensor-parallel workers")] = 1,
+    vllm_python: VllmPythonOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     force: ForceOpt = False,
@@ -418,7 +431,11 @@ def eval_(
                             merge_ppl_samples=merge_ppl_samples,
                             merge_ppl_context=max(32, merge_length * 3 // 4), merge_ppl_new=max(8, merge_length // 4),
                             serve_kv_budget=None if kv_budget is None else parse_size(kv_budget),
-                            serve_prompt=serve_prompt, serve_new=serve_new, serve_repeats=serve_repeats)
+                            serve_prompt=serve_prompt, serve_new=serve_new, serve_repeats=serve_repeats,
+                            engine_kv_memory=parse_size(kv_cache_memory),
+                            engine_kv_dtypes=tuple(x.strip() for x in kv_cache_dtypes.split(",") if x.strip()),
+                            engine_prompt=engine_prompt, engine_new=engine_new,
+                            engine_tensor_parallel=tensor_parallel_size)
     for b in merge_budget or []:
         if not 0 < b <= 1:
             _fail(f"--merge-budget must be in (0, 1], got {b}")
@@ -433,13 +450,30 @@ def eval_(
     task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
     if kv_budget is not None and "serve" not in task_list:
         task_list = (*task_list, "serve")
-    rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, data=data, settings=settings,
-                   json_out=json_out, plots=plots, stats=stats,
-                   lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
-                   lm_eval_limit=lm_eval_limit, merge_budgets=merge_budget,
-                   merge_methods=tuple(x.strip() for x in merge_methods.split(",") if x.strip()), force=force,
-                   dtype=dtype, device=device, log=log)
-    out.print(report_table(rep))
+    if engine is not None:
+        if engine != "vllm":
+            _fail(f"--engine {engine!r}: the engine kvtool drives is vllm")
+        task_list = ("engine",)
+    from kvtool.errors import CheckFailed
+
+    try:
+        rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, data=data, settings=settings,
+                       json_out=json_out, plots=plots, stats=stats,
+                       lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
+                       lm_eval_limit=lm_eval_limit, merge_budgets=merge_budget,
+                       merge_methods=tuple(x.strip() for x in merge_methods.split(",") if x.strip()), force=force,
+                       dtype=dtype, device=device, vllm_python=vllm_python, log=log)
+    except CheckFailed as e:
+        _print_report(e.report, json_out)
+        raise
+    _print_report(rep, json_out)
+
+
+def _print_report(rep: dict, json_out: Path | None) -> None:
+    if "engine" in rep["tasks"]:
+        out.print(engine_table(rep["tasks"]["engine"]))
+    if set(rep["tasks"]) - {"engine"}:
+        out.print(report_table(rep))
     if "merge" in rep["tasks"]:
         out.print(merge_table(rep["tasks"]["merge"]))
     if "serve" in rep["tasks"]:
@@ -450,6 +484,50 @@ def eval_(
         out.print(f"report: {json_out}")
     for name, path in rep.get("plots", {}).items():
         out.print(f"plot ({name}): {path}")
+
+
+@app.command()
+@handle_errors
+def serve(
+    export_dir: Annotated[Path, typer.Argument(help="a directory written by `kvtool export` (or `kvtool heal`)")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="port on 127.0.0.1")] = 8000,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    kv_cache_memory: Annotated[str, typer.Option(help="KV-cache memory, e.g. 256MiB or 8GiB (per tensor-parallel "
+                                                      "worker)")] = "256MiB",
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's dtype), fp8, fp8_e4m3 or fp8_e5m2")] = "auto",
+    max_model_len: Annotated[int, typer.Option(min=16, help="longest prompt + completion, in tokens")] = 2048,
+    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="shard the model over this many workers")] = 1,
+    served_model_name: Annotated[str | None, typer.Option(help="the model name clients ask for (default: the "
+                                                               "export directory's name)")] = None,
+    vllm_python: VllmPythonOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="do not echo vLLM's own log")] = False,
+) -> None:
+    """Serve an export with vLLM's OpenAI-compatible server on 127.0.0.1, sharing on (Ctrl-C stops it)."""
+    from kvtool.evaluation.serve import parse_size
+    from kvtool.serving import ServeSettings
+    from kvtool.serving import serve as run
+
+    settings = ServeSettings(port=port, dtype=dtype, kv_cache_memory=parse_size(kv_cache_memory),
+                             kv_cache_dtype=kv_cache_dtype, max_model_len=max_model_len,
+                             tensor_parallel_size=tensor_parallel_size, served_model_name=served_model_name)
+
+    def ready(cap: dict) -> None:
+        f = lambda n: f"{n:,}"  # noqa: E731
+        out.print(f"[bold]serving[/] {export_dir} as [bold]{cap['model']}[/] at {cap['url']} "
+                  f"({cap['owners']} of {cap['layers']} layers hold KV; Ctrl-C stops it)", highlight=False)
+        line = (f"KV cache ({cap['kv_cache_dtype']}): {f(cap['num_blocks'])} blocks × {cap['block_size']} = "
+                f"{f(cap['kv_tokens'])} tokens, max concurrency {cap['max_concurrency']:.2f} at {max_model_len} "
+                "tokens")
+        if "base_num_blocks" in cap:
+            line += (f"; the base would get {f(cap['base_num_blocks'])} blocks = {f(cap['base_kv_tokens'])} tokens, "
+                     f"{cap['base_max_concurrency']:.2f} ({cap['num_blocks'] / cap['base_num_blocks']:.2f}× with "
+                     f"sharing, limit {cap['layers'] / cap['owners']:.2f}×)")
+        out.print(line, highlight=False)
+
+    echo = None if quiet else (lambda line: err.out(line.rstrip("\n"), highlight=False))
+    run(export_dir, settings, python=vllm_python, on_ready=ready, echo=echo,
+        log=lambda m: out.print(f"[dim]· {m}[/]"))
+    out.print("stopped")
 
 
 @app.command()
@@ -514,6 +592,44 @@ def report_table(rep: dict):
                   f(sp["prefill_tok_s"]["shared"], 0), f(sp["prefill_tok_s"]["ratio"]))
         t.add_row("", "decode tokens/s", f(sp["decode_tok_s"]["base"], 1), f(sp["decode_tok_s"]["shared"], 1),
                   f(sp["decode_tok_s"]["ratio"]))
+    return t
+
+
+def engine_table(en: dict):
+    """vLLM side by side: capacity, throughput and log-probabilities of base and shared (and quantized KV)."""
+    from rich.table import Table
+
+    rows = en["rows"]
+    b, s = rows["base"], rows["shared"]
+    t = Table(title=f"vLLM {en['vllm']} ({en['dtype']}, {en['kv_cache_memory_bytes'] / 2**20:,.0f} MiB of KV cache, "
+                    f"{en['owners']} of {en['layers']} layers hold KV: limit {en['block_ratio_limit']:.3f}×)",
+              title_justify="left")
+    for c in ("metric", "base", "shared", "shared/base"):
+        t.add_column(c, justify="left" if c == "metric" else "right")
+    f = lambda x, d=0: f"{x:,.{d}f}"  # noqa: E731
+    t.add_row(f"KV blocks ({b['block_size']} tokens)", f(b["num_blocks"]), f(s["num_blocks"]), f(s["block_ratio"], 3))
+    t.add_row("KV tokens", f(b["kv_tokens"]), f(s["kv_tokens"]), f(s["kv_tokens"] / b["kv_tokens"], 3))
+    t.add_row(f"max concurrency @ {en['max_model_len']} tokens", f(b["max_concurrency"], 2),
+              f(s["max_concurrency"], 2), f(s["max_concurrency"] / b["max_concurrency"], 3))
+    t.add_row("requests that fit", f(b["requests_that_fit"]), f(s["requests_that_fit"]),
+              f(s["requests_that_fit"] / max(1, b["requests_that_fit"]), 2))
+    for tb, ts in zip(b["throughput"], s["throughput"], strict=True):
+        t.add_row(f"gen tok/s, {tb['batch']} requests × {tb['max_tokens']} new", f(tb["gen_tok_s"], 1),
+                  f(ts["gen_tok_s"], 1), f(ts["gen_tok_s"] / tb["gen_tok_s"], 2))
+    t.add_row(f"held-out ppl, vLLM ({en['heldout_tokens']:,} tokens)", f(b["ppl"], 3), f(s["ppl"], 3),
+              f(s["ppl"] / b["ppl"], 3))
+    t.add_row("held-out ppl, kvtool.load", f(b["ppl_kvtool"], 3), f(s["ppl_kvtool"], 3),
+              f(s["ppl_kvtool"] / b["ppl_kvtool"], 3))
+    t.add_row(f"max |Δ log p| vs kvtool.load (tol {en['logprob_tolerance']:g})", f"{b['max_logprob_gap']:.2e}",
+              f"{s['max_logprob_gap']:.2e}", "")
+    t.add_row(f"greedy = kvtool.load ({en['greedy_prompts']} × {en['greedy_new']} tokens)",
+              f"{b['greedy_equal']}/{en['greedy_prompts']}", f"{s['greedy_equal']}/{en['greedy_prompts']}", "")
+    for name in rows:
+        if name.startswith("base+"):
+            q = name.removeprefix("base+")
+            bq, sq = rows[name], rows[f"shared+{q}"]
+            t.add_row(f"KV {q}: blocks", f(bq["num_blocks"]), f(sq["num_blocks"]), f(sq["block_ratio"], 3))
+            t.add_row(f"KV {q}: held-out ppl", f(bq["ppl"], 3), f(sq["ppl"], 3), f(sq["ppl"] / bq["ppl"], 3))
     return t
 
 

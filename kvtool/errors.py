@@ -9,6 +9,15 @@ class KvtoolError(Exception):
     """A problem with the user's input or environment, reported as one line without a traceback."""
 
 
+class CheckFailed(KvtoolError):
+    """A figure in a finished report disagrees with what the plan implies: the report (written first, so nothing is
+    lost) is refused, and ``report`` holds it for printing."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type name when it has none), for one-line reports."""
     text = str(e).strip() or type(e).__name__

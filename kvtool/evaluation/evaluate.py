@@ -15,7 +15,8 @@ from typing import Any
 from kvtool.atomic import check_writable_file, write_bytes_atomic, write_json_atomic
 from kvtool.calibration.calibrate import collect_stats
 from kvtool.data.texts import eval_prompts, heldout_chunks, load_chunks
-from kvtool.errors import KvtoolError
+from kvtool.errors import CheckFailed, KvtoolError
+from kvtool.evaluation.engine import engine_eval
 from kvtool.evaluation.generations import generations
 from kvtool.evaluation.lm_eval import require_lm_eval, run_lm_eval
 from kvtool.evaluation.memory_speed import memory_speed
@@ -28,6 +29,7 @@ from kvtool.formats.merge_settings import METHODS, CompressionSettings
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.sidecar import update_sidecar
 from kvtool.formats.stats import CalibrationStats
+from kvtool.io.vllm_env import vllm_python as find_vllm_python
 from kvtool.plots import distance_heatmap
 from kvtool.progress import Log, silent
 from kvtool.versions import versions
@@ -51,9 +53,11 @@ def evaluate(
     force: bool = False,
     dtype: str | None = None,
     device: str | None = None,
+    vllm_python: str | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a shared model side by side with its base; returns the report (and writes JSON/PNGs if asked)."""
+    """Evaluate a shared model side by side with its base; returns the report (and writes JSON/PNGs if asked).
+    Raises ``CheckFailed`` (after writing the JSON) when a checked figure disagrees with the plan."""
     t0 = time.time()
     s = settings or EvalSettings()
     unknown = set(tasks) - set(TASKS)
@@ -66,6 +70,10 @@ def evaluate(
     say = log or silent
     if lm_eval_tasks:
         require_lm_eval()
+    if "engine" in tasks:
+        if export_dir is None:
+            raise KvtoolError("--engine vllm serves an export: give its directory, not --plan")
+        vllm_python = find_vllm_python(vllm_python)
     v = load_variants(export_dir, plan, model, dtype, device)
     report: dict[str, Any] = {
         "model": v.name,
@@ -112,6 +120,14 @@ def evaluate(
             f"{s.serve_new} new tokens, {s.serve_repeats} runs each, fresh processes)")
         T["serve"] = serve(v, s.serve_kv_budget, prompt=s.serve_prompt, new=s.serve_new, repeats=s.serve_repeats,
                            merge=merge, log=say)
+    if "engine" in tasks:
+        say(f"vLLM side by side at {s.engine_kv_memory / 2**20:,.0f} MiB of KV cache ({s.engine_prompt} prompt + "
+            f"{s.engine_new} new tokens per request, KV cache {', '.join(s.engine_kv_dtypes)}, fresh engines)")
+        T["engine"] = engine_eval(v, str(export_dir), python=vllm_python, kv_memory=s.engine_kv_memory,
+                                  dtype=str(v.base.dtype).removeprefix("torch."), prompt=s.engine_prompt,
+                                  new=s.engine_new, kv_cache_dtypes=s.engine_kv_dtypes, samples=s.ppl_samples,
+                                  seq_len=s.ppl_seq_len, gen_new=s.gen_new_tokens, data=data,
+                                  tensor_parallel_size=s.engine_tensor_parallel, log=say)
     if lm_eval_tasks:
         T["lm_eval"] = run_lm_eval(v, lm_eval_tasks, limit=lm_eval_limit, passkey_lengths=s.passkey_lengths,
                                    passkey_depths=s.passkey_depths, log=say)
@@ -120,6 +136,10 @@ def evaluate(
     report["wall_time_s"] = round(time.time() - t0, 1)
     if json_out is not None:
         write_json_atomic(json_out, report)
+    failed = [c for task in T.values() for c in task.get("checks", []) if not c["ok"]]
+    if failed:
+        raise CheckFailed(f"{failed[0]['detail']}: refusing this report"
+                          f"{f' (written to {json_out})' if json_out is not None else ''}", report)
     if export_dir is not None:
         update_sidecar(export_dir, metrics=summary(report))
     return report
@@ -137,6 +157,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         out["decode_speed_ratio"] = T["speed"]["decode_tok_s"]["ratio"]
     if "passkey" in T:
         out["passkey"] = T["passkey"]["accuracy"]
+    if "engine" in T:
+        out["vllm_block_ratio"] = T["engine"]["rows"]["shared"]["block_ratio"]
     if "serve" in T:
         sh = T["serve"]["rows"]["shared"]
         out.update(serve_max_batch_ratio=sh["max_batch_ratio"], serve_tok_s_ratio=sh["gen_tok_s_ratio"])

@@ -23,7 +23,7 @@ from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import load, model_origin
 
 DEFAULT_TASKS = ("ppl", "fidelity", "generate", "passkey", "memory", "speed", "merge")
-TASKS = (*DEFAULT_TASKS, "serve")
+TASKS = (*DEFAULT_TASKS, "serve", "engine")
 
 
 @dataclass
@@ -46,6 +46,11 @@ class EvalSettings:
     serve_prompt: int = 512
     serve_new: int = 64
     serve_repeats: int = 3
+    engine_kv_memory: int = 256 * 2**20  # bytes of KV cache each vLLM engine gets (per tensor-parallel worker)
+    engine_kv_dtypes: tuple[str, ...] = ("auto", "fp8")  # vLLM kv_cache_dtype values, "auto" = the model's
+    engine_prompt: int = 448  # prompt tokens per request in the engine's throughput batches
+    engine_new: int = 64  # generated tokens per request there; prompt + new is the engine's max_model_len
+    engine_tensor_parallel: int = 1
 
 
 @dataclass

@@ -71,3 +71,14 @@ def units_to_remove(units: list[int], target: float) -> int:
     """The fewest units that remove at least ``target`` of the ``2 × sum(units)`` a model's cache holds."""
     total = 2 * sum(units)
     return max(0, math.ceil(target * total - 1e-9 * total))
+
+
+def kv_page_bytes(block_size: int, kv_heads: int, head_dim: int, elem_bytes: int) -> int:
+    """Bytes of one layer's keys and values for one block of ``block_size`` tokens (a paged engine's page)."""
+    return 2 * block_size * kv_heads * head_dim * elem_bytes
+
+
+def engine_blocks(memory: int, page_bytes: int, layers_with_cache: int) -> int:
+    """Blocks a paged engine (vLLM) allocates in ``memory`` bytes when every layer that holds a cache gets the same
+    blocks: a consumer layer holds none, so fewer owners mean more blocks."""
+    return memory // (page_bytes * layers_with_cache)

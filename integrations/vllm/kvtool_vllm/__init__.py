@@ -4,8 +4,6 @@ vLLM divides the KV memory among the owners only, so the same memory holds layer
 
 from __future__ import annotations
 
-import importlib
-
 from kvtool_vllm.export_map import BASES, KvtoolVllmError, SharingMap, arch_name, check_export
 
 __all__ = ["BASES", "KvtoolVllmError", "SharingMap", "TESTED_VLLM", "arch_name", "check_export", "register"]
@@ -25,15 +23,14 @@ def register() -> None:
     if not vllm.__version__.startswith(TESTED_VLLM):
         init_logger(__name__).warning("kvtool_vllm was tested with vLLM %s, this is %s; start-up checks will refuse "
                                       "what they do not recognise", "/".join(TESTED_VLLM), vllm.__version__)
-    transformers = importlib.import_module("transformers")
+    from kvtool_vllm.configs import CONFIGS
+
     supported = ModelRegistry.get_supported_archs()
-    for base_type, (config_cls, _, _) in BASES.items():
+    for base_type in BASES:
         name = arch_name(base_type)
         if name not in supported:
             ModelRegistry.register_model(name, f"kvtool_vllm.models:{name}")
-        base_cfg = getattr(transformers, config_cls)
-        cfg = type(f"Kvtool{config_cls}", (base_cfg,), {"model_type": f"kvtool_{base_type}"})
         try:
-            AutoConfig.register(f"kvtool_{base_type}", cfg)
+            AutoConfig.register(f"kvtool_{base_type}", CONFIGS[f"kvtool_{base_type}"])
         except ValueError:  # registered already (this process ran register() before)
             pass

@@ -1,0 +1,145 @@
+"""Eval task ``engine`` (``kvtool eval EXPORT --engine vllm``): the export and its base served by vLLM side by side
+at the same KV-cache memory, each engine in a fresh process of the vLLM environment (``kvtool.io.vllm_env``).
+
+It reports what the engine allocated (KV blocks, tokens, maximum concurrency), generated tokens/s for a batch of
+concurrent requests that fills the base's capacity and one that fills the shared model's, held-out perplexity
+through the engine (``prompt_logprobs``) beside ``kvtool.load``'s on the same tokens, with the largest per-token
+log-probability gap, greedy tokens against ``kvtool.load``'s, and the same capacity and perplexity with each
+quantized KV-cache dtype asked for. Two figures are checked, not just printed: the engine's block ratio must be the
+map's layers / owners within one block, and the log-probability gap must stay within ``LOGPROB_TOLERANCE``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kvtool.data.chat import prompt_ids
+from kvtool.data.texts import eval_prompts, heldout_chunks
+from kvtool.evaluation.variants import Variants
+from kvtool.io.devices import model_device
+from kvtool.io.loading import resolve_model
+from kvtool.io.vllm_env import check_export, cpu_thread_binding, run_engine_job
+from kvtool.progress import Log, silent
+
+# Largest |log p(engine) - log p(kvtool.load)| per held-out token that still counts as the same model, by the dtype
+# both run in. float32: the notes measured 3e-4 (3e-3 on ~1k-token prompts in chunked prefill); bfloat16 rounds
+# every activation to 8 bits of mantissa, in other kernels and another summation order on each side.
+LOGPROB_TOLERANCE = {"float32": 5e-3, "bfloat16": 0.5, "float16": 0.25}
+
+
+@torch.no_grad()
+def _token_logprobs(model, ids: torch.Tensor) -> list[list[float]]:
+    """log p(token t | tokens < t) for t >= 1 of each row, as kvtool.load's model computes it."""
+    x = ids.to(model_device(model))
+    lp = torch.log_softmax(model(input_ids=x, use_cache=False).logits.float(), -1)[:, :-1]
+    return lp.gather(-1, x[:, 1:, None])[..., 0].cpu().tolist()
+
+
+@torch.no_grad()
+def _greedy(model, tok, prompts: list[list[int]], new: int) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        g = model.generate(torch.tensor([p], device=model_device(model)), max_new_tokens=new, do_sample=False,
+                           pad_token_id=tok.pad_token_id)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
+    for k, t in enumerate(ids):
+        if t in eos:
+            return ids[: k + 1]
+    return ids
+
+
+def _ppl(rows: list[list[float]]) -> float:
+    flat = [x for r in rows for x in r]
+    return math.exp(-sum(flat) / len(flat))
+
+
+def requests_that_fit(num_blocks: int, block_size: int, tokens_per_request: int) -> int:
+    """Requests the engine holds at once when each keeps its prompt and continuation in whole blocks."""
+    return num_blocks // math.ceil(tokens_per_request / block_size)
+
+
+def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dtype: str, prompt: int = 448,
+                new: int = 64, kv_cache_dtypes: tuple[str, ...] = ("auto", "fp8"), samples: int = 8,
+                seq_len: int = 256, gen_prompts: int = 4, gen_new: int = 32, data: str | None = None,
+                tensor_parallel_size: int = 1, log: Log | None = None) -> dict[str, Any]:
+    """The ``engine`` entry of an eval report (see the module docstring); its ``checks`` say which checked figures
+    hold (``evaluate`` refuses the report when one does not)."""
+    say = log or silent
+    info = check_export(python, export_dir)
+    base_dir = resolve_model(v.base_arg)[0]
+    layers, owners = info["layers"], info["owners"]
+    limit = layers / owners
+    max_len = prompt + new
+    tok = v.tokenizer
+    ids = heldout_chunks(tok, samples, min(seq_len, max_len), data).input_ids
+    gen = [prompt_ids(tok, p)[0].tolist() for p in eval_prompts()[:gen_prompts]]
+    eos = {tok.eos_token_id, tok.pad_token_id} - {None}
+    ref: dict[str, dict[str, Any]] = {}
+    for which in ("base", "shared"):
+        with v.use(which) as m:
+            ref[which] = {"logprobs": _token_logprobs(m, ids), "greedy": _greedy(m, tok, gen, gen_new)}
+    common = {"dtype": dtype, "kv_cache_memory_bytes": kv_memory, "max_model_len": max_len,
+              "tensor_parallel_size": tensor_parallel_size}
+    env = cpu_thread_binding(tensor_parallel_size)
+    models = {"base": base_dir, "shared": str(export_dir)}
+
+    def job(which: str, kv_dtype: str, **extra: Any) -> dict[str, Any]:
+        say(f"vLLM: {which}, KV cache {kv_dtype}{', throughput' if 'throughput' in extra else ''}")
+        return run_engine_job(python, {**common, "model": models[which], "kv_cache_dtype": kv_dtype,
+                                       "prompt_logprobs": ids.tolist(), **extra}, env=env)
+
+    runs: dict[str, dict[str, Any]] = {}
+    for which in ("base", "shared"):
+        runs[which] = job(which, "auto", greedy={"prompts": gen, "max_tokens": gen_new})
+    fits = {w: requests_that_fit(runs[w]["num_blocks"], runs[w]["block_size"], max_len) for w in runs}
+    tp = [{"batch": b, "prompt_len": prompt, "max_tokens": new} for b in sorted(set(fits.values()))]
+    for which in ("base", "shared"):  # both engines at both batches, each in a fresh engine again
+        runs[which]["throughput"] = job(which, "auto", prompt_logprobs=None, throughput=tp)["throughput"]
+    for kv_dtype in kv_cache_dtypes:
+        if kv_dtype != "auto":
+            for which in ("base", "shared"):
+                runs[f"{which}+{kv_dtype}"] = job(which, kv_dtype)
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name, r in runs.items():
+        which = name.split("+")[0]
+        lps = r["prompt_logprobs"]
+        row = {k: r[k] for k in ("kv_cache_dtype", "block_size", "num_blocks", "kv_tokens", "max_concurrency")}
+        row["requests_that_fit"] = requests_that_fit(r["num_blocks"], r["block_size"], max_len)
+        row["ppl"] = _ppl(lps)
+        if "+" not in name:
+            gaps = [abs(a - b) for ra, rb in zip(lps, ref[which]["logprobs"], strict=True)
+                    for a, b in zip(ra, rb, strict=True)]
+            row.update(ppl_kvtool=_ppl(ref[which]["logprobs"]), max_logprob_gap=max(gaps),
+                       mean_logprob_gap=sum(gaps) / len(gaps))
+            got = [_until_eos(g, eos) for g in r["greedy"]]
+            want = [_until_eos(g, eos) for g in ref[which]["greedy"]]
+            row["greedy_equal"] = sum(a == b for a, b in zip(got, want, strict=True))
+            row["throughput"] = r["throughput"]
+        rows[name] = row
+    tol = LOGPROB_TOLERANCE.get(dtype, LOGPROB_TOLERANCE["float32"])
+    rep = {"engine": "vllm", "vllm": runs["base"]["vllm"], "dtype": dtype, "kv_cache_memory_bytes": kv_memory,
+           "max_model_len": max_len, "prompt": prompt, "new": new, "layers": layers, "owners": owners,
+           "block_ratio_limit": limit, "logprob_tolerance": tol, "heldout_tokens": ids.shape[0] * (ids.shape[1] - 1),
+           "greedy_prompts": len(gen), "greedy_new": gen_new, "rows": rows}
+    checks = rep["checks"] = []
+    for kv_dtype in ("auto", *[d for d in kv_cache_dtypes if d != "auto"]):
+        sfx = "" if kv_dtype == "auto" else f"+{kv_dtype}"
+        b, s = rows[f"base{sfx}"], rows[f"shared{sfx}"]
+        s["block_ratio"] = s["num_blocks"] / b["num_blocks"]
+        # a consumer holds no blocks: shared blocks = base blocks x layers / owners, give or take one base block
+        checks.append({"name": f"block ratio ({kv_dtype})", "ok": abs(s["num_blocks"] / limit - b["num_blocks"]) < 1,
+                       "detail": f"vLLM allocated {s['num_blocks']} KV blocks for the shared model and "
+                                 f"{b['num_blocks']} for the base ({kv_dtype}); the map implies {limit:.3f}x the base"})
+    for which in ("base", "shared"):
+        gap = rows[which]["max_logprob_gap"]
+        checks.append({"name": f"log-probability gap ({which})", "ok": gap <= tol,
+                       "detail": f"vLLM's log-probabilities of the {which} model differ from kvtool.load's by up to "
+                                 f"{gap:.3g} nats (tolerance {tol:g} in {dtype})"})
+    return rep
