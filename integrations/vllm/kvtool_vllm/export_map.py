@@ -75,7 +75,9 @@ class SharingMap:
         for key in ("k_source_layers", "v_source_layers"):
             per = _get(cfg, key)
             if per is not None and list(per) != list(src):
-                j = next(j for j, (a, b) in enumerate(zip(per, src)) if a != b)
+                if len(per) != len(src):
+                    raise KvtoolVllmError(f"{key} lists {len(per)} layers, kv_source_layers {len(src)}")
+                j = next(j for j, (a, b) in enumerate(zip(per, src, strict=True)) if a != b)
                 raise KvtoolVllmError(
                     f"a per-tensor plan (layer {j} takes its {'keys' if key[0] == 'k' else 'values'} from layer "
                     f"{per[j]}, its other tensor from layer {src[j]}) has no vLLM form: vLLM keeps a layer's keys and "

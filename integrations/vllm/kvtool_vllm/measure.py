@@ -28,8 +28,9 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
     import vllm
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), kv_cache_memory_bytes=int(job["kv_cache_memory_bytes"]),
-              max_model_len=int(job["max_model_len"]), kv_cache_dtype=job.get("kv_cache_dtype", "auto"),
+    llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"),
+              kv_cache_memory_bytes=int(job["kv_cache_memory_bytes"]), max_model_len=int(job["max_model_len"]),
+              kv_cache_dtype=job.get("kv_cache_dtype", "auto"),
               tensor_parallel_size=int(job.get("tensor_parallel_size", 1)), enforce_eager=True,
               seed=int(job.get("seed", 0)), max_num_seqs=int(job.get("max_num_seqs", 256)))
     cc = llm.llm_engine.vllm_config.cache_config
@@ -65,6 +66,7 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         dt = time.perf_counter() - t0
         gen = sum(len(o.outputs[0].token_ids) for o in outs)
         res.setdefault("throughput", []).append({**t, "seconds": dt, "generated": gen, "gen_tok_s": gen / dt})
+    llm.llm_engine.engine_core.shutdown()  # workers stop here, not in interpreter teardown
     return res
 
 
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(args[1]).with_suffix(".tmp")
     tmp.write_text(json.dumps(res))
     os.replace(tmp, args[1])
-    return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the engine is shut down; a multi-process engine's late teardown has aborted the exit status
 
 
 if __name__ == "__main__":

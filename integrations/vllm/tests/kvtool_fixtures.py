@@ -30,8 +30,7 @@ def _greedy(model) -> list[list[int]]:
     out = []
     for p in PROMPTS:
         with torch.no_grad():
-            g = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                               do_sample=False)
+            g = model.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False)
         out.append(g[0, len(p):].tolist())
     return out
 
@@ -76,13 +75,14 @@ def make(out: Path) -> dict:
         export(SharingPlan.from_tensors(k_src, v_src, layer_types=types), model=kvtool.load(base)[0], tokenizer=tok,
                out=d / "per_tensor")
         shared, _ = kvtool.load(d / "shared")
-        entry = {"layers": len(types), "owners": len(types) - len(plan.consumers), "kv_source_layers": plan.kv_source_layers,
-                 "layer_types": types, "greedy": _greedy(shared), "logprobs": _logprobs(shared),
-                 "base_greedy": _greedy(kvtool.load(base)[0])}
+        entry = {"layers": len(types), "owners": len(types) - len(plan.consumers),
+                 "kv_source_layers": plan.kv_source_layers, "layer_types": types, "greedy": _greedy(shared),
+                 "logprobs": _logprobs(shared), "base_greedy": _greedy(kvtool.load(base)[0])}
         c = plan.consumers[0]
         owner = plan.kv_source_layers[c]
         # a consumer whose checkpoint still holds its own K/V: the base's full weights under the shared config
-        _rewrite_weights(d / "shared", d / "consumer_holds_kv", lambda w: load_file(str(base / "model.safetensors")))
+        base_weights = load_file(str(base / "model.safetensors"))
+        _rewrite_weights(d / "shared", d / "consumer_holds_kv", lambda w, full=base_weights: full)
         # an owner whose checkpoint lacks its keys (or, fused, whose qkv_proj holds only query rows)
 
         def drop_owner_keys(w, j=owner):
@@ -94,7 +94,7 @@ def make(out: Path) -> dict:
             return w
 
         _rewrite_weights(d / "shared", d / "owner_lacks_kv", drop_owner_keys)
-        entry["broken"] = {"consumer_holds_kv": f"layer {c} reads", "owner_lacks_kv": f"layer {owner}"}
+        entry["broken"] = {"consumer_holds_kv": f"layer {c} ", "owner_lacks_kv": f"layer {owner} "}
         wrong = [(j, i) for j in plan.consumers for i in range(j) if types[i] != types[j] and i in plan.sources]
         if wrong:  # mixed attention types: point a consumer at an owner of the other type
             shutil.copytree(d / "shared", d / "wrong_type")

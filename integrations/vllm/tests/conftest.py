@@ -1,0 +1,65 @@
+"""Shared pieces of the plugin's tests, which run in the vLLM environment (``.venv-vllm``).
+
+Their inputs come from kvtool itself, in kvtool's environment (``$KVTOOL_PYTHON``, default the repository's
+``.venv``): tiny exports of every architecture with ``kvtool.load``'s outputs (``kvtool_fixtures.py``). Every engine
+runs in a fresh process (``python -m kvtool_vllm.measure``, in-process engine start), bounded in time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+KVTOOL_PYTHON = os.environ.get("KVTOOL_PYTHON") or str(REPO / ".venv" / "bin" / "python")
+KVTOOL = str(Path(KVTOOL_PYTHON).with_name("kvtool"))
+KV_MEMORY = 16 * 2**20
+MAX_LEN = 128
+_RESULTS: dict[tuple, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def fx(tmp_path_factory) -> dict:
+    """The fixture tree and its manifest (made once per session by kvtool)."""
+    out = tmp_path_factory.mktemp("kvtool-fixtures")
+    subprocess.run([KVTOOL_PYTHON, str(HERE / "kvtool_fixtures.py"), str(out)], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["root"] = out
+    return manifest
+
+
+def engine(model: Path | str, tmp: Path, *, env: dict | None = None, timeout: float = 300, **job) -> dict:
+    """One fresh engine on ``model`` (``kvtool_vllm.measure``); its result, or ``{"error": ...}``."""
+    job = {"model": str(model), "dtype": "float32", "kv_cache_memory_bytes": KV_MEMORY, "max_model_len": MAX_LEN,
+           **job}
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "job.json").write_text(json.dumps(job))
+    with open(tmp / "engine.log", "w") as log:
+        r = subprocess.run([sys.executable, "-m", "kvtool_vllm.measure", str(tmp / "job.json"), str(tmp / "out.json")],
+                           stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **(env or {})})
+    res = json.loads((tmp / "out.json").read_text()) if (tmp / "out.json").is_file() else {}
+    res["returncode"] = r.returncode
+    res["log"] = (tmp / "engine.log").read_text()
+    return res
+
+
+def standard_run(fx: dict, arch: str, kind: str, tmp_path_factory) -> dict:
+    """Greedy tokens and held-out log-probabilities of one fixture model (cached for the session)."""
+    key = (arch, kind)
+    if key not in _RESULTS:
+        _RESULTS[key] = engine(fx["root"] / arch / kind, tmp_path_factory.mktemp(f"{arch}-{kind}"),
+                               greedy={"prompts": fx["prompts"], "max_tokens": fx["new_tokens"]},
+                               prompt_logprobs=fx["logprob_ids"])
+        assert _RESULTS[key]["returncode"] == 0, _RESULTS[key].get("error")
+    return _RESULTS[key]
+
+
+def until_eos(ids: list[int], eos: int = 2) -> list[int]:
+    """Tokens up to and including the first end-of-sequence (vLLM runs with ignore_eos, transformers stops)."""
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
