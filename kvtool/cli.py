@@ -514,7 +514,8 @@ def serve(
     def ready(cap: dict) -> None:
         f = lambda n: f"{n:,}"  # noqa: E731
         out.print(f"[bold]serving[/] {export_dir} as [bold]{cap['model']}[/] at {cap['url']} "
-                  f"({cap['owners']} of {cap['layers']} layers hold KV; Ctrl-C stops it)", highlight=False)
+                  f"({cap['owners']} of {cap['layers']} layers hold KV; Ctrl-C stops it)", highlight=False,
+                  soft_wrap=True)
         line = (f"KV cache ({cap['kv_cache_dtype']}): {f(cap['num_blocks'])} blocks × {cap['block_size']} = "
                 f"{f(cap['kv_tokens'])} tokens, max concurrency {cap['max_concurrency']:.2f} at {max_model_len} "
                 "tokens")
@@ -522,7 +523,7 @@ def serve(
             line += (f"; the base would get {f(cap['base_num_blocks'])} blocks = {f(cap['base_kv_tokens'])} tokens, "
                      f"{cap['base_max_concurrency']:.2f} ({cap['num_blocks'] / cap['base_num_blocks']:.2f}× with "
                      f"sharing, limit {cap['layers'] / cap['owners']:.2f}×)")
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)
 
     echo = None if quiet else (lambda line: err.out(line.rstrip("\n"), highlight=False))
     run(export_dir, settings, python=vllm_python, on_ready=ready, echo=echo,

@@ -63,3 +63,12 @@ def standard_run(fx: dict, arch: str, kind: str, tmp_path_factory) -> dict:
 def until_eos(ids: list[int], eos: int = 2) -> list[int]:
     """Tokens up to and including the first end-of-sequence (vLLM runs with ignore_eos, transformers stops)."""
     return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported by kvtool with 9 of 30 layers sharing (made once per session)."""
+    out = tmp_path_factory.mktemp("smollm2") / "export"
+    subprocess.run([KVTOOL_PYTHON, str(HERE / "kvtool_fixtures.py"), "--smollm2", str(out)], check=True, timeout=600,
+                   stdout=subprocess.DEVNULL)
+    return out

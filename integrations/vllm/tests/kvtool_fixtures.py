@@ -2,7 +2,8 @@
 
 For every architecture kvtool exports, a tiny random base model (head size 32, which vLLM's CPU attention
 supports), its shared and identity exports, a per-tensor export, exports whose weights disagree with their map, and
-``kvtool.load``'s greedy tokens and per-token log-probabilities on fixed inputs. Writes ``OUT/manifest.json``."""
+``kvtool.load``'s greedy tokens and per-token log-probabilities on fixed inputs. Writes ``OUT/manifest.json``.
+``python kvtool_fixtures.py --smollm2 OUT`` exports the embedded SmolLM2 with a fixed 9-of-30 map instead."""
 
 from __future__ import annotations
 
@@ -107,5 +108,17 @@ def make(out: Path) -> dict:
     return manifest
 
 
+def make_smollm2(out: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct with 9 of its 30 layers reading their nearest earlier owner (a fixed map:
+    the serving tests need a real tokenizer and chat template, not a searched plan)."""
+    model, tok = kvtool.load()
+    types = list(layer_types(model.config))
+    export(SharingPlan.nearest_owner(types, list(range(3, 30, 3))), model=model, tokenizer=tok, out=out, force=True)
+    return out
+
+
 if __name__ == "__main__":
-    make(Path(sys.argv[1]))
+    if sys.argv[1] == "--smollm2":
+        make_smollm2(Path(sys.argv[2]))
+    else:
+        make(Path(sys.argv[1]))
