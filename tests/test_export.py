@@ -40,6 +40,10 @@ def test_round_trip_every_architecture(arch, tmp_path):
     with pytest.raises(ValueError, match="custom code|trust_remote_code"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "exp", trust_remote_code=False)
     assert m2.config.kv_sharing_modes.count("reuse") == len(plan.consumers)
+    # named per base and never as the base itself, so no engine builds the unshared base from this checkpoint
+    cfg = json.loads((tmp_path / "exp" / "config.json").read_text())
+    assert cfg["architectures"] == [f"Kvtool{type(m).__name__}"] == [type(m3).__name__]
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == f"modeling_kvtool.Kvtool{type(m).__name__}"
 
 
 def test_checkpoint_drops_exactly_the_consumer_kv(tmp_path):

@@ -57,8 +57,10 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         res["prompt_logprobs"] = [
             [lp[tok].logprob for tok, lp in zip(ids[1:], o.prompt_logprobs[1:], strict=True)]
             for ids, o in zip(job["prompt_logprobs"], outs, strict=True)]
-    for t in job.get("throughput") or []:
-        prompts = [[(7 * i + 13 * k) % 997 + 10 for k in range(int(t["prompt_len"]))] for i in range(int(t["batch"]))]
+    vocab = llm.llm_engine.vllm_config.model_config.get_vocab_size()
+    for t in job.get("throughput") or []:  # distinct synthetic prompts (no prefix is shared between requests)
+        prompts = [[(7 * i + 13 * k + i * k) % (vocab - 10) + 5 for k in range(int(t["prompt_len"]))]
+                   for i in range(int(t["batch"]))]
         params = SamplingParams(max_tokens=int(t["max_tokens"]), temperature=0.0, ignore_eos=True)
         llm.generate([_prompt(prompts[0])], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)  # warm
         t0 = time.perf_counter()
