@@ -621,8 +621,10 @@ def engine_table(en: dict):
               f(s["ppl"] / b["ppl"], 3))
     t.add_row("held-out ppl, kvtool.load", f(b["ppl_kvtool"], 3), f(s["ppl_kvtool"], 3),
               f(s["ppl_kvtool"] / b["ppl_kvtool"], 3))
-    t.add_row(f"max |Δ log p| vs kvtool.load (tol {en['logprob_tolerance']:g})", f"{b['max_logprob_gap']:.2e}",
-              f"{s['max_logprob_gap']:.2e}", "")
+    for stat in ("max", "mean"):
+        tol = f" (tol {en['logprob_tolerance']:g})" if en["logprob_statistic"] == stat else ""
+        t.add_row(f"{stat} |Δ log p| vs kvtool.load{tol}", f"{b[f'{stat}_logprob_gap']:.2e}",
+                  f"{s[f'{stat}_logprob_gap']:.2e}", "")
     t.add_row(f"greedy = kvtool.load ({en['greedy_prompts']} × {en['greedy_new']} tokens)",
               f"{b['greedy_equal']}/{en['greedy_prompts']}", f"{s['greedy_equal']}/{en['greedy_prompts']}", "")
     for name in rows:

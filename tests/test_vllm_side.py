@@ -127,7 +127,7 @@ def test_engine_task_reports_ratio_gap_and_throughput(shared_dir, monkeypatch, t
      "vLLM allocated 42 KV blocks for the shared model and 42 for the base"),
     ({"base": 42, "shared": 85, "base+fp8": 170, "shared+fp8": 170}, 0.0, r"170 for the base \(fp8\)"),
     ({"base": 42, "shared": 85, "base+fp8": 170, "shared+fp8": 341}, 0.01,
-     "differ from kvtool.load's by up to 0.01 nats"),
+     "differ from kvtool.load.s by up to 0.01 nats per token"),
 ])
 def test_engine_task_refuses_a_figure_the_plan_does_not_imply(shared_dir, monkeypatch, tmp_path, blocks, gap, words):
     _fake_engine(monkeypatch, blocks, gap)

@@ -23,10 +23,12 @@ from kvtool.io.loading import resolve_model
 from kvtool.io.vllm_env import check_export, cpu_thread_binding, run_engine_job
 from kvtool.progress import Log, silent
 
-# Largest |log p(engine) - log p(kvtool.load)| per held-out token that still counts as the same model, by the dtype
-# both run in. float32: the notes measured 3e-4 (3e-3 on ~1k-token prompts in chunked prefill); bfloat16 rounds
-# every activation to 8 bits of mantissa, in other kernels and another summation order on each side.
-LOGPROB_TOLERANCE = {"float32": 5e-3, "bfloat16": 0.5, "float16": 0.25}
+# How far |log p(engine) - log p(kvtool.load)| per held-out token may go and still count as the same model, by the
+# dtype both run in: (which statistic over the tokens, its bound). float32: every token within 5e-3 nats (measured:
+# 6e-5 on SmolLM2; the notes saw 3e-3 on ~1k-token prompts in chunked prefill). bfloat16 and float16 round every
+# activation, in other kernels and another summation order on each side, so single tokens move by tenths of a nat
+# (measured up to 0.40 on SmolLM2 in bfloat16) while the mean stays near 0.05: the bound is on the mean.
+LOGPROB_TOLERANCE = {"float32": ("max", 5e-3), "bfloat16": ("mean", 0.1), "float16": ("mean", 0.05)}
 
 
 @torch.no_grad()
@@ -123,10 +125,10 @@ def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dt
             row["greedy_equal"] = sum(a == b for a, b in zip(got, want, strict=True))
             row["throughput"] = r["throughput"]
         rows[name] = row
-    tol = LOGPROB_TOLERANCE.get(dtype, LOGPROB_TOLERANCE["float32"])
+    stat, tol = LOGPROB_TOLERANCE.get(dtype, LOGPROB_TOLERANCE["float32"])
     rep = {"engine": "vllm", "vllm": runs["base"]["vllm"], "dtype": dtype, "kv_cache_memory_bytes": kv_memory,
            "max_model_len": max_len, "prompt": prompt, "new": new, "layers": layers, "owners": owners,
-           "block_ratio_limit": limit, "logprob_tolerance": tol, "heldout_tokens": ids.shape[0] * (ids.shape[1] - 1),
+           "block_ratio_limit": limit, "logprob_tolerance": tol, "logprob_statistic": stat, "heldout_tokens": ids.shape[0] * (ids.shape[1] - 1),
            "greedy_prompts": len(gen), "greedy_new": gen_new, "rows": rows}
     checks = rep["checks"] = []
     for kv_dtype in ("auto", *[d for d in kv_cache_dtypes if d != "auto"]):
@@ -138,8 +140,9 @@ def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dt
                        "detail": f"vLLM allocated {s['num_blocks']} KV blocks for the shared model and "
                                  f"{b['num_blocks']} for the base ({kv_dtype}); the map implies {limit:.3f}x the base"})
     for which in ("base", "shared"):
-        gap = rows[which]["max_logprob_gap"]
+        gap = rows[which][f"{stat}_logprob_gap"]
         checks.append({"name": f"log-probability gap ({which})", "ok": gap <= tol,
-                       "detail": f"vLLM's log-probabilities of the {which} model differ from kvtool.load's by up to "
-                                 f"{gap:.3g} nats (tolerance {tol:g} in {dtype})"})
+                       "detail": f"vLLM's log-probabilities of the {which} model differ from kvtool.load's by "
+                                 f"{'up to' if stat == 'max' else 'on average'} {gap:.3g} nats per token "
+                                 f"(tolerance {tol:g} for the {stat} in {dtype})"})
     return rep
