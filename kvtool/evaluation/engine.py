@@ -79,7 +79,7 @@ def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dt
     limit = layers / owners
     max_len = prompt + new
     tok = v.tokenizer
-    ids = heldout_chunks(tok, samples, min(seq_len, max_len), data).input_ids
+    ids = heldout_chunks(tok, samples, min(seq_len, max_len - 1), data).input_ids  # + the 1 token generated
     gen = [prompt_ids(tok, p)[0].tolist() for p in eval_prompts()[:gen_prompts]]
     eos = {tok.eos_token_id, tok.pad_token_id} - {None}
     ref: dict[str, dict[str, Any]] = {}
