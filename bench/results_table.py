@@ -4,7 +4,7 @@ For each target and order: search (timed), then held-out pydoc perplexity, calib
 1024 tokens; with --heal, the same after `kvtool heal` of that plan.
 
     python bench/results_table.py --calib DIR [--targets 0.1,0.2,0.3] [--orders ...] [--heal-targets 0.3]
-                                  [--heal-steps 150] --json out.json
+                                  [--heal-tokens 256000] --json out.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--orders", default="dissimilar,similar,random,local,best-first")
     ap.add_argument("--heal-targets", default="")
     ap.add_argument("--heal-orders", default="")
-    ap.add_argument("--heal-steps", type=int, default=150)
+    ap.add_argument("--heal-tokens", type=int, default=256_000)
     ap.add_argument("--beam", type=int, default=4)
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
@@ -68,7 +68,7 @@ def main() -> None:
             if target in heal_t and (heal_o is None or order in heal_o):
                 out = tempfile.mkdtemp() + "/healed"
                 fresh, ftok = kvtool.load()
-                h = heal(r.plan, out=out, model=fresh, tokenizer=ftok, settings=HealSettings(steps=a.heal_steps))
+                h = heal(r.plan, out=out, model=fresh, tokenizer=ftok, settings=HealSettings(tokens=a.heal_tokens))
                 hm, ht = kvtool.load(out)
                 torch.manual_seed(0)
                 ppl_h, _ = perplexity(hm, held)

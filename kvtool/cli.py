@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,6 +47,17 @@ def _bar(what: str, total: int):
                   TimeRemainingColumn(), console=out) as bar:
         task = bar.add_task(what, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+def parse_count(text: str) -> int:
+    """A count from ``250000``, ``250k`` or ``1.5M`` (k = 1,000)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise KvtoolError(f"cannot read {text!r} as a count; write e.g. 250k or 1M")
+    n = int(float(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()])
+    if n < 1:
+        raise KvtoolError(f"{text!r}: the count must be at least 1")
+    return n
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -293,39 +305,48 @@ def heal(
     plan: Annotated[Path, typer.Option("--plan", "-p", help="plan JSON from `kvtool search`")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory to write (an export)")],
     model: ModelOpt = None,
-    steps: Annotated[int, typer.Option(min=1, help="training steps (early stop may end sooner)")] = 150,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 2e-3,
-    batch_size: Annotated[int, typer.Option(min=1)] = 4,
-    samples: Annotated[int, typer.Option(min=1, help="training chunks of calibration data")] = 64,
-    seq_len: Annotated[int, typer.Option(min=8)] = 128,
-    hidden_mse: Annotated[float, typer.Option(help="weight of the final-hidden-state MSE term")] = 0.0,
+    tokens: Annotated[str, typer.Option(help="tokens to train on, e.g. 250k or 1M (early stopping may end "
+                                             "sooner)")] = "256k",
+    text: Annotated[str, typer.Option(help="generated (the base model's own samples, cached under $KVTOOL_CACHE) "
+                                           "or calibration (--data, default kvtool's calibration set)")] = "generated",
     train: Annotated[str, typer.Option(help="attention (consumers' q/o projections), sources (also the K/V "
-                                            "projections of the layers they read) or layers (consumer layers whole, "
-                                            "but their unused K/V)")] = "attention",
-    data: Annotated[str | None, typer.Option(help="training text (default: kvtool's calibration set)")] = None,
-    generated: Annotated[int, typer.Option(min=0, help="extra training chunks sampled from the base model")] = 0,
+                                            "projections of the layers they read), layers (consumer layers whole, "
+                                            "but their unused K/V) or lora (low-rank updates of every layer's "
+                                            "attention, merged at export)")] = "attention",
+    lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 2e-3,
+    batch_size: Annotated[int, typer.Option(min=1, help="rows per step")] = 4,
+    seq_len: Annotated[int, typer.Option(min=8, help="tokens per row")] = 256,
+    lora_rank: Annotated[int, typer.Option(min=1, help="rank of --train lora's updates")] = 16,
+    data: Annotated[str | None, typer.Option(help="training text for --text calibration")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Distil the shared model toward its base (consumer layers only) and write it as an export."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+    """Distil the shared model toward its base on the base's own text and write it as an export."""
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     from kvtool.heal import HealSettings
     from kvtool.heal import heal as run
 
-    s = HealSettings(steps=steps, lr=lr, batch_size=batch_size, samples=samples, seq_len=seq_len,
-                     hidden_mse=hidden_mse, data=data, seed=seed, train=train, generated=generated).validated()
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+    s = HealSettings(tokens=parse_count(tokens), text=text, train=train, lr=lr, batch_size=batch_size,
+                     seq_len=seq_len, lora_rank=lora_rank, data=data, seed=seed).validated()
+    with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed:,.0f}/{task.total:,.0f}",
                   TimeElapsedColumn(), TimeRemainingColumn(), console=out) as bar:
-        task = bar.add_task("healing", total=steps)
+        tasks: dict[str, int] = {}
+
+        def advance(name: str, done: int, total: int, desc: str) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(desc, total=total)
+            bar.update(tasks[name], completed=done, total=total, description=desc)
+
         res = run(plan, out=out_dir, model=model, settings=s, force=force, dtype=dtype, device=device,
                   log=lambda m: bar.console.print(f"[dim]· {m}[/]"),
-                  progress=lambda i, n, loss: bar.update(task, completed=i, description=f"healing (KL {loss:.3f})"))
-    out.print(f"healed in {res['seconds']:.0f} s ({res['steps_run']} steps): held-out perplexity "
-              f"{res['heldout_ppl_before']:.2f} → {res['heldout_ppl_after']:.2f} (base {res['heldout_ppl_base']:.2f}); "
-              f"wrote {out_dir}")
+                  corpus_progress=lambda i, n, _eta: advance("corpus", i, n, "sampling the corpus (shards)"),
+                  progress=lambda i, n, kl: advance("train", i, n, f"healing (KL {kl:.3f}, tokens)"))
+    out.print(f"healed in {res['seconds']:.0f} s ({res['tokens_trained']:,} tokens at "
+              f"{res['train_tokens_per_second']:.0f}/s): held-out perplexity {res['heldout_ppl_before']:.2f} → "
+              f"{res['heldout_ppl_after']:.2f} (base {res['heldout_ppl_base']:.2f}); wrote {out_dir}")
 
 
 @app.command()

@@ -1,16 +1,19 @@
-"""``kvtool heal``: a brief distillation of the shared model toward its base, training only the consumer layers.
+"""``kvtool heal``: distil the shared model toward its base on the base's own text, and write it as an export.
 
-Choice (documented): by default only consumer layers are trained, so every owner layer, and so every source's K/V,
-stays exactly as in the base model. ``train="attention"`` (default) trains the consumers' query and output
-projections (and q-norm where the model has one), the weights that see the borrowed K/V; ``train="sources"`` also
-the K/V projections of the owner layers that consumers read (the whole qkv_proj where it is fused), so a source
-can serve its readers too; ``train="layers"`` trains the consumer layers whole (MLPs and norms too).
-Loss: KL(base || shared) of next-token distributions over the teacher's top-k tokens (teacher log-probabilities
-are computed once, before training, so no second model is held), optionally plus the MSE of the final hidden
-states. Early stopping watches the KL on a validation split of the calibration chunks; the pydoc held-out
-perplexity is reported before and after but never used to decide anything. ``generated=N`` adds N training chunks
-sampled from the base model itself (continuations of calibration prompts), for more text than the calibration set
-holds; the validation split stays calibration text.
+Text: by default the base model's own samples (``kvtool.calibration.corpus``: plain and chat-template prompts,
+temperature 1, cached under ``$KVTOOL_CACHE``), whose top-k next-token distributions were kept when they were
+sampled, so training holds one model and no teacher pass. ``text="calibration"`` distils on calibration chunks
+instead (teacher outputs computed once, before training). Loss: KL(base || shared) over the teacher's top-k tokens
+at every real token. Budget: ``tokens`` trained; early stopping watches the KL on a validation split of the same
+kind of text (never the held-out text, whose perplexity is reported before and after but decides nothing).
+
+What trains (``train``):
+- ``attention`` (default): the consumers' query and output projections (and q-norm), the weights that see the
+  borrowed K/V. Every owner layer stays exactly the base's.
+- ``sources``: also the K/V projections of the owner layers that consumers read (the whole qkv_proj where fused).
+- ``layers``: the consumer layers whole (MLPs and norms too), but their unused K/V.
+- ``lora``: low-rank updates of rank ``lora_rank`` on the q/k/v/o projections of every layer (a consumer's q/o
+  only), owners included, merged into the weights before export, so the export stays a plain checkpoint.
 """
 
 from __future__ import annotations
@@ -26,44 +29,60 @@ import torch
 from torch import nn
 
 from kvtool.atomic import check_writable_dir
+from kvtool.calibration.corpus import Corpus, CorpusSettings, generated_corpus
 from kvtool.crosslayer.archs import arch_of, decoder_layers, kv_param_names
 from kvtool.crosslayer.runtime import apply_sharing
 from kvtool.data.texts import heldout_chunks, load_chunks
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
+from kvtool.io.devices import model_device
 from kvtool.io.export import export
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import model_and_tokenizer
 from kvtool.metrics import perplexity
 from kvtool.progress import Log, silent
 
-TRAIN_TARGETS = ("attention", "sources", "layers")
+TRAIN_TARGETS = ("attention", "sources", "layers", "lora")
+TEXTS = ("generated", "calibration")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
 class HealSettings:
-    steps: int = 150
+    tokens: int = 256_000  # real tokens trained (early stopping may end sooner)
+    text: str = "generated"
     lr: float = 2e-3
-    batch_size: int = 4
-    samples: int = 64
-    generated: int = 0
-    seq_len: int = 128
-    val_samples: int = 8
+    batch_size: int = 4  # rows per step
+    seq_len: int = 256  # tokens per row
+    val_rows: int = 16
     top_k: int = 64
-    hidden_mse: float = 0.0
-    eval_every: int = 20
+    train: str = "attention"
+    lora_rank: int = 16
+    schedule: str = "cosine"  # after a 10-step warm-up: cosine to 0 at the budget, or constant
+    eval_every: int = 32_768  # tokens between validation passes
     patience: int = 3
     seed: int = 0
-    data: str | None = None
-    train: str = "attention"
+    data: str | None = None  # the text for text="calibration" (default: kvtool's calibration set)
+    chat_share: float = 0.5  # generated rows whose prompt is a chat request
 
     def validated(self) -> HealSettings:
-        """Self, after checking the settings that would otherwise fail only after the teacher pass."""
+        """Self, after checking the settings that would otherwise fail only after the corpus is built."""
         _check_train(self.train)
-        if min(self.steps, self.batch_size, self.samples, self.val_samples, self.eval_every) < 1 or self.generated < 0:
-            raise KvtoolError("heal settings: steps, batch size, samples and eval interval must be ≥ 1, "
-                              "generated ≥ 0")
+        for name, value, allowed in (("text", self.text, TEXTS), ("schedule", self.schedule, SCHEDULES)):
+            if value not in allowed:
+                raise KvtoolError(f"unknown heal {name} {value!r}; use {', '.join(allowed)}")
+        if min(self.tokens, self.batch_size, self.val_rows, self.eval_every, self.top_k, self.lora_rank) < 1 \
+                or self.seq_len < 8 or self.lr <= 0:
+            raise KvtoolError("heal settings: tokens, batch size, validation rows, eval interval, top-k and LoRA "
+                              "rank must be ≥ 1, rows ≥ 8 tokens, and the learning rate > 0")
+        if self.data is not None and self.text != "calibration":
+            raise KvtoolError("--data is the text of --text calibration; the generated corpus draws its prompts "
+                              "from kvtool's calibration set")
         return self
+
+    def corpus(self, rows: int) -> CorpusSettings:
+        return CorpusSettings(rows=rows, seq_len=self.seq_len, top_k=self.top_k, chat_share=self.chat_share,
+                              seed=self.seed).validated()
 
 
 def _check_train(train: str) -> None:
@@ -74,7 +93,8 @@ def _check_train(train: str) -> None:
 def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
     """The q_proj / o_proj / q_norm weights of every layer that reads keys or values elsewhere (the Q rows of a fused
     qkv_proj count as q_proj); with ``train="layers"`` every other weight of those layers too, except the K/V
-    projections they never use; with ``train="sources"`` also the K/V projections (and k-norm) of the layers read."""
+    projections they never use; with ``train="sources"`` also the K/V projections (and k-norm) of the layers read.
+    (``lora`` trains adapters, see ``LoRA``.)"""
     _check_train(train)
     params: list[nn.Parameter] = []
     for j in plan.readers:
@@ -96,46 +116,106 @@ def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "atte
     return list({id(p): p for p in params}.values())
 
 
+class LoRA:
+    """Rank-``r`` updates ``W + B·A`` on the attention projections of every layer, as forward hooks (the model's
+    modules stay as they are); ``merge()`` folds them into the weights and removes the hooks."""
+
+    def __init__(self, model: nn.Module, plan: SharingPlan, rank: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        readers = set(plan.readers)
+        self.pairs: list[tuple[nn.Linear, nn.Parameter, nn.Parameter]] = []
+        self.hooks = []
+        for j, layer in enumerate(decoder_layers(model)):
+            attn = layer.self_attn
+            names = ("q_proj", "o_proj") if j in readers else ("q_proj", "k_proj", "v_proj", "o_proj")
+            if arch_of(model)["fused"]:
+                names = ("qkv_proj", "o_proj")
+            for name in names:
+                lin = getattr(attn, name, None)
+                if not isinstance(lin, nn.Linear):
+                    continue
+                w = lin.weight
+                a = nn.Parameter((torch.randn(rank, w.shape[1], generator=g) / math.sqrt(w.shape[1])).to(w))
+                b = nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device, dtype=w.dtype))
+                self.pairs.append((lin, a, b))
+                self.hooks.append(lin.register_forward_hook(_lora_hook(a, b)))
+        if not self.pairs:
+            raise KvtoolError("LoRA found no attention projections (nn.Linear) to adapt in this model")
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, a, b in self.pairs for p in (a, b)]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for lin, a, b in self.pairs:
+            lin.weight += (b.float() @ a.float()).to(lin.weight.dtype)
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def _lora_hook(a: nn.Parameter, b: nn.Parameter):
+    def hook(_mod, args, out):
+        return out + (args[0] @ a.t()) @ b.t()
+    return hook
+
+
 @torch.no_grad()
 def teacher_targets(model: nn.Module, ids: torch.Tensor, top_k: int, batch_size: int) -> tuple[torch.Tensor, ...]:
-    """Top-k token ids and renormalised log-probabilities of the base model, and its final hidden states."""
-    dev = next(model.parameters()).device
-    tops, logps, hid = [], [], []
+    """Top-k token ids and renormalised log-probabilities of the base model at every position of ``ids``."""
+    dev = model_device(model)
+    tops, logps = [], []
     for s in range(0, ids.shape[0], batch_size):
-        out = model(input_ids=ids[s : s + batch_size].to(dev), use_cache=False, output_hidden_states=True)
-        lp = torch.log_softmax(out.logits.float(), -1)
+        lp = torch.log_softmax(model(input_ids=ids[s : s + batch_size].to(dev), use_cache=False).logits.float(), -1)
         v, i = lp.topk(top_k, dim=-1)
         tops.append(i.cpu())
         logps.append(torch.log_softmax(v, -1).cpu())
-        hid.append(out.hidden_states[-1].float().cpu())
-    return torch.cat(tops), torch.cat(logps), torch.cat(hid)
+    return torch.cat(tops), torch.cat(logps)
 
 
-@torch.no_grad()
-def sample_chunks(model: nn.Module, tokenizer, prompts: torch.Tensor, n: int, seed: int, batch_size: int,
-                  prompt_len: int = 16) -> torch.Tensor:
-    """``n`` chunks as long as ``prompts``' rows, sampled from the (unshared) model after the first ``prompt_len``
-    tokens of a prompt row: more distillation text than the calibration set holds, from the base's own
-    distribution."""
-    dev = next(model.parameters()).device
-    seq_len = prompts.shape[1]
-    prompt_len = min(prompt_len, seq_len - 1)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    torch.manual_seed(seed + 1)
-    rows = []
-    for s in range(0, n, batch_size):
-        p = prompts[torch.arange(s, min(n, s + batch_size)) % prompts.shape[0], :prompt_len].to(dev)
-        new = seq_len - prompt_len
-        out = model.generate(input_ids=p, attention_mask=torch.ones_like(p), do_sample=True, temperature=1.0,
-                             top_p=0.95, top_k=0, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
-        rows.append(out[:, :seq_len].cpu())
-    return torch.cat(rows)
+def topk_kl(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, top: torch.Tensor, logp: torch.Tensor
+            ) -> torch.Tensor:
+    """Mean over real tokens of KL(teacher || student) over the teacher's top-k tokens, the student renormalised
+    over the same tokens. Only those k logits are computed (the LM head's rows for them), not the whole vocabulary."""
+    h = model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    w = model.get_output_embeddings().weight[top]  # (B, T, k, d)
+    logits = torch.einsum("btd,btkd->btk", h, w).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    student = torch.log_softmax(logits, -1)
+    per_token = (logp.exp() * (logp - student)).sum(-1)
+    m = mask.to(per_token.dtype)
+    return (per_token * m).sum() / m.sum()
 
 
-def kl_loss(logits: torch.Tensor, top: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) over the teacher's top-k tokens, the student renormalised over the same tokens."""
-    student = torch.log_softmax(logits.float().gather(-1, top), -1)
-    return (logp.exp() * (logp - student)).sum(-1).mean()
+def heal_corpus(model: nn.Module, tokenizer, s: HealSettings, *, log: Log | None = None,
+                progress: Callable[[int, int, float], None] | None = None) -> tuple[Corpus, Corpus]:
+    """Training and validation rows for ``s`` (the base model, unshared). Generated text: the validation rows are
+    the first ``val_rows / 2`` of each of the corpus' first two shards (one plain, one chat where the model has a
+    chat template); training takes the rest, as many rows as the token budget needs (at most one pass)."""
+    if s.text == "calibration":
+        need = math.ceil(s.tokens / s.seq_len)
+        chunks = load_chunks(s.data, tokenizer, need + s.val_rows, s.seq_len, seed=s.seed + 17).input_ids
+        top, logp = teacher_targets(model, chunks, s.top_k, s.batch_size)
+        full = Corpus(chunks, torch.ones_like(chunks), top, logp, Path(), None)
+        return full.rows(slice(0, chunks.shape[0] - s.val_rows)), full.rows(slice(chunks.shape[0] - s.val_rows, None))
+    per_shard = CorpusSettings().batch_size
+    if s.val_rows > 2 * per_shard:
+        raise KvtoolError(f"at most {2 * per_shard} validation rows")
+    rows = math.ceil(s.tokens / s.seq_len) + s.val_rows
+    corpus = generated_corpus(model, tokenizer, s.corpus(max(rows, 2 * per_shard)), log=log, progress=progress)
+    half = s.val_rows // 2
+    val_idx = torch.tensor([*range(half), *range(per_shard, per_shard + s.val_rows - half)])
+    keep = torch.ones(corpus.ids.shape[0], dtype=torch.bool)
+    keep[val_idx] = False
+    train_idx = torch.nonzero(keep)[:, 0]
+    pick = _index(corpus, train_idx)
+    return pick, _index(corpus, val_idx)
+
+
+def _index(c: Corpus, idx: torch.Tensor) -> Corpus:
+    return Corpus(c.ids[idx], c.mask[idx], c.top[idx], c.logp[idx], c.directory, c.tokens_per_second)
 
 
 def heal(
@@ -150,8 +230,14 @@ def heal(
     device: str | None = None,
     log: Log | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    corpus_progress: Callable[[int, int, float], None] | None = None,
+    checkpoint: Callable[[int, nn.Module], dict[str, Any]] | None = None,
+    checkpoints: tuple[int, ...] = (),
 ) -> dict[str, Any]:
-    """Distil the shared model toward its base and write it as an export directory (``kvtool.load(out)``)."""
+    """Distil the shared model toward its base and write it as an export directory (``kvtool.load(out)``).
+    ``progress(tokens, budget, kl)`` per step; ``checkpoint(tokens, model)`` is called (model in eval mode, adapters
+    in effect) when the tokens trained pass each of ``checkpoints``; what it returns goes into the result's
+    ``curve``. Returns the heal record that the export's sidecar keeps."""
     s = (settings or HealSettings()).validated()
     say = log or silent
     check_writable_dir(out, force)
@@ -163,86 +249,104 @@ def heal(
                                            device=device, what="heal")
     base_fp = model_fingerprint(model)
     check_fingerprint(plan.model_fingerprint, base_fp, "the plan", "pass the --model it was searched on")
-    torch.manual_seed(s.seed)
     t0 = time.time()
-    chunks = load_chunks(s.data, tokenizer, s.samples + s.val_samples, s.seq_len, seed=s.seed + 17).input_ids
-    train, val = chunks[: s.samples], chunks[s.samples :]
-    if s.generated:
-        say(f"sampling {s.generated} chunks of {s.seq_len} tokens from the base model")
-        train = torch.cat([train, sample_chunks(model, tokenizer, train, s.generated, s.seed, s.batch_size * 4)])
-        chunks = torch.cat([train, val])
+    train, val = heal_corpus(model, tokenizer, s, log=say, progress=corpus_progress)
     heldout = heldout_chunks(tokenizer).input_ids
-    say(f"teacher outputs on {chunks.shape[0]} chunks of {s.seq_len} tokens")
-    top, logp, hid = teacher_targets(model, chunks, s.top_k, s.batch_size)
     base_ppl, _ = perplexity(model, heldout)
     apply_sharing(model, plan)
-    params = trainable_parameters(model, plan, s.train)
     for p in model.parameters():
         p.requires_grad_(False)
+    lora = LoRA(model, plan, s.lora_rank, s.seed) if s.train == "lora" else None
+    params = lora.parameters() if lora else trainable_parameters(model, plan, s.train)
     for p in params:
         p.requires_grad_(True)
-    dev = next(model.parameters()).device
-    orig_dtype = next(model.parameters()).dtype
+    dev = model_device(model)
+
+    def batches(c: Corpus, idx: torch.Tensor):
+        return (c.ids[idx].to(dev), c.mask[idx].to(dev), c.top[idx].to(dev), c.logp[idx].to(dev).float())
 
     @torch.no_grad()
     def val_kl() -> float:
         model.eval()
-        total = 0.0
-        for k in range(0, val.shape[0], s.batch_size):
-            sl = slice(train.shape[0] + k, train.shape[0] + k + s.batch_size)
-            logits = model(input_ids=val[k : k + s.batch_size].to(dev), use_cache=False).logits
-            total += float(kl_loss(logits, top[sl].to(dev), logp[sl].to(dev))) * logits.shape[0]
-        return total / val.shape[0]
+        total, n = 0.0, 0
+        for k in range(0, val.ids.shape[0], s.batch_size):
+            ids, mask, top, logp = batches(val, torch.arange(k, min(k + s.batch_size, val.ids.shape[0])))
+            w = int(mask.sum())
+            total, n = total + float(topk_kl(model, ids, mask, top, logp)) * w, n + w
+        return total / n
 
     before_ppl, _ = perplexity(model, heldout)
-    best_val = val_kl()
-    start_val = best_val
-    say(f"held-out perplexity: base {base_ppl:.2f}, shared before healing {before_ppl:.2f}; "
-        f"validation KL {best_val:.4f}; training {sum(p.numel() for p in params):,} parameters")
-    best_state = {id(p): p.detach().clone() for p in params}
+    best_val = start_val = val_kl()
+    steps = math.ceil(s.tokens / (s.batch_size * s.seq_len))
+    say(f"held-out perplexity: base {base_ppl:.2f}, shared before healing {before_ppl:.2f}; validation KL "
+        f"{best_val:.4f}; training {sum(p.numel() for p in params):,} parameters ({s.train}) on "
+        f"{train.tokens:,} tokens of {s.text} text, budget {s.tokens:,}")
+    best_state = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / 10) *
-                                              0.5 * (1 + math.cos(math.pi * min(i, s.steps) / s.steps)))
+
+    def lr_at(i: int) -> float:
+        warm = min(1.0, (i + 1) / 10)
+        return warm if s.schedule == "constant" else warm * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     g = torch.Generator().manual_seed(s.seed)
-    bad, step, history = 0, 0, []
-    for step in range(1, s.steps + 1):
+    order = torch.randperm(train.ids.shape[0], generator=g)
+    bad, step, seen, next_eval, history, curve = 0, 0, 0, s.eval_every, [], []
+    pending = sorted(c for c in checkpoints if c > 0)
+    t_train, stopped = time.time(), None
+    while seen < s.tokens:
+        k = step * s.batch_size % order.numel()
+        idx = order[k : k + s.batch_size]
+        step += 1
         model.train()
-        idx = torch.randint(0, train.shape[0], (s.batch_size,), generator=g)
-        out_ = model(input_ids=train[idx].to(dev), use_cache=False, output_hidden_states=s.hidden_mse > 0)
-        loss = kl_loss(out_.logits, top[idx].to(dev), logp[idx].to(dev))
-        if s.hidden_mse > 0:
-            loss = loss + s.hidden_mse * nn.functional.mse_loss(out_.hidden_states[-1].float(), hid[idx].to(dev))
+        ids, mask, top, logp = batches(train, idx)
+        loss = topk_kl(model, ids, mask, top, logp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        seen += int(mask.sum())
         loss_value = loss.item()
         if progress:
-            progress(step, s.steps, loss_value)
-        if step % s.eval_every == 0 or step == s.steps:
+            progress(min(seen, s.tokens), s.tokens, loss_value)
+        if pending and seen >= pending[0] and checkpoint:
+            model.eval()
+            while pending and seen >= pending[0]:
+                pending.pop(0)
+            curve.append({"tokens": seen, **checkpoint(seen, model)})
+        if seen >= next_eval or seen >= s.tokens:
+            next_eval += s.eval_every
             v = val_kl()
-            history.append({"step": step, "train_kl": round(loss_value, 5), "val_kl": round(v, 5)})
+            history.append({"step": step, "tokens": seen, "train_kl": round(loss_value, 5), "val_kl": round(v, 5)})
             if v < best_val - 1e-5:
                 best_val, bad = v, 0
-                best_state = {id(p): p.detach().clone() for p in params}
+                best_state = [p.detach().clone() for p in params]
             else:
                 bad += 1
                 if bad >= s.patience:
-                    say(f"early stop at step {step}: validation KL stopped improving")
+                    stopped = seen
+                    say(f"early stop after {seen:,} tokens: validation KL stopped improving")
                     break
+    train_seconds = time.time() - t_train
     with torch.no_grad():
-        for p in params:
-            p.copy_(best_state[id(p)])
+        for p, b in zip(params, best_state, strict=True):
+            p.copy_(b)
             p.requires_grad_(False)
+    if lora:
+        lora.merge()
     model.eval()
-    model.to(orig_dtype)
     after_ppl, _ = perplexity(model, heldout)
-    result = {"settings": asdict(s), "steps_run": step, "trained_parameters": sum(p.numel() for p in params),
-              "trained": s.train, "val_kl_before": round(start_val, 5),
-              "val_kl_after": round(best_val, 5), "heldout_ppl_base": round(base_ppl, 4),
-              "heldout_ppl_before": round(before_ppl, 4), "heldout_ppl_after": round(after_ppl, 4),
-              "history": history, "seconds": round(time.time() - t0, 1)}
-    say(f"held-out perplexity after healing {after_ppl:.2f} (before {before_ppl:.2f}, base {base_ppl:.2f})")
+    result = {"settings": asdict(s), "steps_run": step, "tokens_trained": seen, "early_stop_at": stopped,
+              "trained_parameters": sum(p.numel() for p in params), "trained": s.train,
+              "val_kl_before": round(start_val, 5), "val_kl_after": round(best_val, 5),
+              "heldout_ppl_base": round(base_ppl, 4), "heldout_ppl_before": round(before_ppl, 4),
+              "heldout_ppl_after": round(after_ppl, 4), "history": history, "curve": curve,
+              "train_tokens_per_second": round(seen / max(train_seconds, 1e-9), 1),
+              "corpus_tokens_per_second": None if train.tokens_per_second is None
+              else round(train.tokens_per_second, 1),
+              "seconds": round(time.time() - t0, 1)}
+    say(f"held-out perplexity after healing {after_ppl:.2f} (before {before_ppl:.2f}, base {base_ppl:.2f}); "
+        f"trained {seen:,} tokens at {result['train_tokens_per_second']:.0f} tokens/s")
     export(plan, out=out, model=model, tokenizer=tokenizer, force=force, base_fingerprint=base_fp, heal=result)
     return result

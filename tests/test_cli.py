@@ -40,7 +40,7 @@ def test_bad_input_gives_one_line_and_exit_2(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "no text" in r.output
     assert not (tmp_path / "o").exists()
     (tmp_path / "plan.json").write_text(json.dumps({"kv_source_layers": [0, 0]}))
-    for bad in (["--train", "bogus"], ["--generated", "-1"]):
+    for bad in (["--train", "bogus"], ["--tokens", "-1"]):
         r = runner.invoke(app, ["heal", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "h"), *bad])
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert not (tmp_path / "h").exists()
