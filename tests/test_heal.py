@@ -120,7 +120,8 @@ def test_heal_lora_trains_every_layer_and_merges_into_a_plain_checkpoint(base, t
     for i in range(6):  # owners' K/V and every layer's q/o moved; nothing else did
         attn = m.model.layers[i].self_attn
         moved = {w for w in "qkvo" if getattr(attn, f"{w}_proj") is not None  # a consumer's K/V are gone
-                 and not torch.equal(getattr(attn, f"{w}_proj").weight, before[f"model.layers.{i}.self_attn.{w}_proj.weight"])}
+                 and not torch.equal(getattr(attn, f"{w}_proj").weight,
+                                     before[f"model.layers.{i}.self_attn.{w}_proj.weight"])}
         assert moved == ({"q", "o"} if i in plan.readers else set("qkvo")), (i, moved)
     assert torch.equal(m.model.layers[2].mlp.up_proj.weight, before["model.layers.2.mlp.up_proj.weight"])
     assert not any(mod._forward_hooks for mod in m.modules())  # merged: no adapter left behind

@@ -128,8 +128,9 @@ def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dt
     stat, tol = LOGPROB_TOLERANCE.get(dtype, LOGPROB_TOLERANCE["float32"])
     rep = {"engine": "vllm", "vllm": runs["base"]["vllm"], "dtype": dtype, "kv_cache_memory_bytes": kv_memory,
            "max_model_len": max_len, "prompt": prompt, "new": new, "layers": layers, "owners": owners,
-           "block_ratio_limit": limit, "logprob_tolerance": tol, "logprob_statistic": stat, "heldout_tokens": ids.shape[0] * (ids.shape[1] - 1),
-           "greedy_prompts": len(gen), "greedy_new": gen_new, "rows": rows}
+           "block_ratio_limit": limit, "logprob_tolerance": tol, "logprob_statistic": stat,
+           "heldout_tokens": ids.shape[0] * (ids.shape[1] - 1), "greedy_prompts": len(gen), "greedy_new": gen_new,
+           "rows": rows}
     checks = rep["checks"] = []
     for kv_dtype in ("auto", *[d for d in kv_cache_dtypes if d != "auto"]):
         sfx = "" if kv_dtype == "auto" else f"+{kv_dtype}"
