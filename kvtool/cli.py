@@ -582,6 +582,8 @@ def report_table(rep: dict):
     if "ppl" in T:
         p = T["ppl"]
         t.add_row("ppl", f"perplexity ({p['tokens']} tokens)", f(p["base"], 2), f(p["shared"], 2), f(p["ratio"]))
+        if "unhealed" in p:
+            t.add_row("", "perplexity before healing", "", f(p["unhealed"], 2), f(p["ratio_unhealed"]))
     if "fidelity" in T:
         fi = T["fidelity"]
         t.add_row("fidelity", "KL(base‖shared), nats/token", "0", f(fi["kl"], 4), "")
@@ -591,11 +593,17 @@ def report_table(rep: dict):
         g = T["generate"]
         t.add_row("generate", f"exact match ({g['prompts']} prompts)", "1", f(g["exact_match"], 2), "")
         t.add_row("", f"common prefix (of {g['new_tokens']} tokens)", "", f(g["mean_common_prefix"], 1), "")
+        t.add_row("", f"token agreement (of {g['new_tokens']})", "1", f(g["token_agreement"], 2), "")
+        if "unhealed" in g:
+            t.add_row("", "common prefix before healing", "", f(g["unhealed"]["mean_common_prefix"], 1), "")
+            t.add_row("", "token agreement before healing", "", f(g["unhealed"]["token_agreement"], 2), "")
     if "passkey" in T:
         acc = T["passkey"]["accuracy"]
         for length in acc["base"]:
             t.add_row("passkey", f"accuracy @ {length} tokens", f(acc["base"][length], 2),
                       f(acc["shared"][length], 2), "")
+            if "unhealed" in acc:
+                t.add_row("", f"accuracy @ {length} before healing", "", f(acc["unhealed"][length], 2), "")
     if "memory" in T:
         m = T["memory"]
         t.add_row("memory", "KV cache MiB (prefill+decode)", f(m["kv_bytes"]["base"] / 2**20, 1),

@@ -162,3 +162,32 @@ def test_heal_cli_refuses_bad_options_in_one_line(tmp_path):
         r = runner.invoke(app, ["heal", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "h"), *bad])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "h").exists()
+
+
+def test_agreement_counts_positions_and_stops():
+    from kvtool.evaluation.generations import agreement
+
+    a = agreement([[1, 2, 3, 4], [5, 6]], [[1, 2, 9, 4], [5, 6]], 4)
+    assert a == {"exact_match": 0.5, "mean_common_prefix": 2.0, "token_agreement": (3 / 4 + 4 / 4) / 2}
+
+
+def test_eval_of_a_healed_export_reports_base_unhealed_and_healed(base, tmp_path):
+    from kvtool.evaluation.evaluate import evaluate
+    from kvtool.evaluation.variants import EvalSettings
+    from kvtool.metrics import perplexity
+
+    m, t = base
+    plan = SharingPlan([0, 1, 1, 3, 3, 3])
+    heal(plan, out=tmp_path / "healed", model=m, tokenizer=t, settings=HealSettings(**{**SET, "tokens": 600}))
+    s = EvalSettings(ppl_samples=2, ppl_seq_len=32, gen_new_tokens=8, passkey_lengths=(96,), passkey_depths=(0.5,))
+    rep = evaluate(tmp_path / "healed", tasks=("ppl", "generate", "passkey"), settings=s)
+    T = rep["tasks"]
+    assert set(T["passkey"]["accuracy"]) == {"base", "unhealed", "shared"}
+    assert 0 <= T["generate"]["unhealed"]["token_agreement"] <= 1 and 0 <= T["generate"]["token_agreement"] <= 1
+    fresh, _ = kvtool.load(tmp_path / "base")
+    from kvtool.data.texts import heldout_chunks
+
+    with kvtool.sharing(fresh, plan):
+        want, _ = perplexity(fresh, heldout_chunks(t, 2, 32).input_ids)
+    assert T["ppl"]["unhealed"] == pytest.approx(want, rel=1e-4)
+    assert T["ppl"]["ratio_unhealed"] == pytest.approx(want / T["ppl"]["base"], rel=1e-4)

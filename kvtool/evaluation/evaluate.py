@@ -151,6 +151,11 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "ppl" in T:
         out.update(ppl_base=T["ppl"]["base"], ppl_shared=T["ppl"]["shared"])
+        if "unhealed" in T["ppl"]:
+            out["ppl_unhealed"] = T["ppl"]["unhealed"]
+    if "generate" in T:
+        out.update(greedy_common_prefix=T["generate"]["mean_common_prefix"],
+                   greedy_token_agreement=T["generate"]["token_agreement"])
     if "memory" in T:
         out["kv_bytes_ratio"] = T["memory"]["kv_bytes"]["ratio"]
     if "speed" in T:

@@ -13,8 +13,9 @@ from kvtool.io.devices import model_device
 
 @torch.no_grad()
 def generations(v: Variants, prompts: list[str], new_tokens: int) -> dict[str, Any]:
-    """Greedy continuations of ``prompts`` (one left-padded batch): exact-match rate and mean common-prefix length
-    vs the base, and the first few samples."""
+    """Greedy continuations of ``prompts`` (one left-padded batch) by every variant; per variant against the base:
+    the exact-match rate, the mean common-prefix length, and the token agreement (share of the ``new_tokens``
+    positions holding the same token, or both having stopped); and the first few samples."""
     tok = v.tokenizer
     rows = [prompt_ids(tok, p)[0] for p in prompts]
     width = max(len(r) for r in rows)
@@ -22,17 +23,29 @@ def generations(v: Variants, prompts: list[str], new_tokens: int) -> dict[str, A
     ids = torch.stack([torch.cat([torch.full((width - len(r),), pad), r]) for r in rows])
     mask = torch.stack([torch.cat([torch.zeros(width - len(r)), torch.ones(len(r))]) for r in rows]).long()
     conts = {}
-    for which in ("base", "shared"):
+    for which in v.names:
         with v.use(which) as m:
             out = m.generate(ids.to(model_device(m)), attention_mask=mask.to(model_device(m)),
                              max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
         conts[which] = [_strip(r[width:].tolist(), tok) for r in out.cpu()]
-    exact = sum(a == b for a, b in zip(conts["base"], conts["shared"], strict=True)) / len(prompts)
-    prefix = [_common_prefix(a, b) for a, b in zip(conts["base"], conts["shared"], strict=True)]
-    samples = [{"prompt": p, "base": tok.decode(a), "shared": tok.decode(b)}
-               for p, a, b in list(zip(prompts, conts["base"], conts["shared"], strict=True))[:5]]
-    return {"prompts": len(prompts), "new_tokens": new_tokens, "exact_match": exact,
-            "mean_common_prefix": sum(prefix) / len(prefix), "samples": samples}
+    agree = {w: agreement(conts["base"], conts[w], new_tokens) for w in v.names if w != "base"}
+    samples = [{"prompt": p, **{w: tok.decode(conts[w][k]) for w in v.names}} for k, p in enumerate(prompts[:5])]
+    return {"prompts": len(prompts), "new_tokens": new_tokens, **agree["shared"],
+            **({"unhealed": agree["unhealed"]} if "unhealed" in agree else {}), "samples": samples}
+
+
+def agreement(base: list[list[int]], other: list[list[int]], new_tokens: int) -> dict[str, float]:
+    """Exact-match rate, mean common prefix and token agreement of ``other``'s continuations against ``base``'s."""
+    n = len(base)
+    prefix = [_common_prefix(a, b) for a, b in zip(base, other, strict=True)]
+    same = [sum(x == y for x, y in zip(_fill(a, new_tokens), _fill(b, new_tokens), strict=True)) / new_tokens
+            for a, b in zip(base, other, strict=True)]
+    return {"exact_match": sum(a == b for a, b in zip(base, other, strict=True)) / n,
+            "mean_common_prefix": sum(prefix) / n, "token_agreement": sum(same) / n}
+
+
+def _fill(ids: list[int], n: int) -> list[int]:
+    return (ids + [-1] * n)[:n]  # -1: stopped
 
 
 def _strip(ids: list[int], tok) -> list[int]:

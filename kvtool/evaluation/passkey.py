@@ -24,7 +24,8 @@ def passkey_accuracy(model, tokenizer, cases: list[PasskeyCase]) -> float:
 
 
 @torch.no_grad()
-def passkey(v: Variants, lengths, depths, variants: tuple[str, ...] = ("base", "shared")) -> dict[str, Any]:
+def passkey(v: Variants, lengths, depths, variants: tuple[str, ...] | None = None) -> dict[str, Any]:
+    variants = variants or v.names
     cases = build_cases(v.tokenizer, lengths, depths)
     acc: dict[str, dict[str, float]] = {w: {} for w in variants}
     for which in variants:

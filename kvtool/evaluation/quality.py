@@ -15,13 +15,13 @@ from kvtool.metrics import cosine_score, kl_div, nll_sum
 
 @torch.no_grad()
 def quality(v: Variants, input_ids: torch.Tensor, batch_size: int = 4) -> dict[str, Any]:
-    """Perplexity of both variants and the shared one's fidelity to the base, one pass over ``input_ids``."""
-    nll = {"base": 0.0, "shared": 0.0}
+    """Perplexity of every variant and the shared one's fidelity to the base, one pass over ``input_ids``."""
+    nll = dict.fromkeys(v.names, 0.0)
     kl = agree = cos = 0.0
     for s in range(0, input_ids.shape[0], batch_size):
         ids = input_ids[s : s + batch_size]
         outs = {}
-        for which in ("base", "shared"):
+        for which in v.names:
             with v.use(which) as m:
                 o = m(input_ids=ids.to(model_device(m)), use_cache=False, output_hidden_states=True)
                 logits = o.logits.float().cpu()
@@ -34,6 +34,6 @@ def quality(v: Variants, input_ids: torch.Tensor, batch_size: int = 4) -> dict[s
     n_pred = input_ids[:, 1:].numel()
     n_tok = input_ids.numel()
     ppl = {k: math.exp(x / n_pred) for k, x in nll.items()}
-    return {"ppl": {"base": ppl["base"], "shared": ppl["shared"], "ratio": ppl["shared"] / ppl["base"],
-                    "tokens": n_pred},
+    ratios = {f"ratio_{k}": x / ppl["base"] for k, x in ppl.items() if k not in ("base", "shared")}
+    return {"ppl": {**ppl, "ratio": ppl["shared"] / ppl["base"], **ratios, "tokens": n_pred},
             "fidelity": {"kl": kl / n_tok, "top1_agreement": agree / n_tok, "hidden_cosine": cos / input_ids.shape[0]}}

@@ -63,6 +63,12 @@ class Variants:
     shared_model: nn.Module | None = None  # an export; None means "base under ``plan``"
     base_arg: str | None = None  # how a subprocess loads the base
     shared_args: list[str] = field(default_factory=list)  # ... and the shared variant
+    unhealed: bool = False  # the export is healed: quality tasks also run "unhealed", the base under its plan
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The variants the quality tasks compare: base, shared, and for a healed export the unhealed map."""
+        return ("base", "unhealed", "shared") if self.unhealed else ("base", "shared")
 
     @property
     def base_args(self) -> list[str]:
@@ -75,6 +81,10 @@ class Variants:
 
     @contextlib.contextmanager
     def use(self, which: str) -> Iterator[nn.Module]:
+        if which == "unhealed":
+            with sharing(self.base, self.plan):
+                yield self.base
+            return
         if which == "base" or self.shared_model is not None:
             yield self.base if which == "base" else self.shared_model
             return
@@ -96,7 +106,8 @@ def load_variants(export_dir: str | Path | None, plan: SharingPlan | str | Path 
         base, _ = load(base_src, dtype=dtype, device=device)
         check_fingerprint(side["base_model"]["fingerprint"], model_fingerprint(base), "this export",
                           "pass --model BASE")
-        return Variants(base, tok, active_plan(shared), shared, base_src, ["--model", str(export_dir), *dev_args])
+        return Variants(base, tok, active_plan(shared), shared, base_src, ["--model", str(export_dir), *dev_args],
+                        unhealed=bool(side.get("heal")))
     if not isinstance(plan, SharingPlan):
         plan = SharingPlan.load(plan)
     base_src = model if model is not None else plan.details.get("model")
