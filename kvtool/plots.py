@@ -68,6 +68,30 @@ def frontier(points: list[dict], base_ppl: float | None = None) -> bytes:
     return _png(fig)
 
 
+def heal_curve(curves: dict[str, list[dict]], base_ppl: float) -> bytes:
+    """Held-out perplexity (× base) and greedy token agreement against tokens trained, one line per run;
+    ``curves``: name → points {tokens, ppl, token_agreement}."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.6, 3.8), dpi=110)
+    for name, pts in curves.items():
+        pts = sorted(pts, key=lambda p: p["tokens"])
+        x = [max(p["tokens"], 1) for p in pts]
+        a.plot(x, [p["ppl"] / base_ppl for p in pts], marker="o", ms=4, label=name)
+        b.plot(x, [p["token_agreement"] for p in pts], marker="o", ms=4, label=name)
+    a.axhline(1.0, color="black", lw=0.8)
+    a.set_ylabel("held-out perplexity (× base)")
+    b.set_ylabel("greedy token agreement with base (32 tokens)")
+    b.set_ylim(0, 1)
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens trained (first point: before healing)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("kvtool heal on the base model's own text", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
