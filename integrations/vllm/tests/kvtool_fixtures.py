@@ -18,12 +18,14 @@ from safetensors.torch import load_file, save_file
 import kvtool
 from kvtool.crosslayer.archs import layer_types
 from kvtool.formats.plan import SharingPlan
+from kvtool.heal import HealSettings, heal
 from kvtool.io.export import export
 from kvtool.io.tiny import TINY_ARCHS, save_tiny
 
 SHAPE = dict(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2)
 PROMPTS = [[5, 9, 33, 17, 40], [60, 61, 3, 99, 12, 7, 7, 81], [100, 4], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 NEW_TOKENS = 16
+HEALED = ("llama", "phi3")  # a LoRA-healed export (merged adapters; phi3: on its fused qkv_proj) of these
 LOGPROB_IDS = [[(13 * i + 7) % 125 + 3 for i in range(96)], [(29 * i + 1) % 125 + 3 for i in range(64)]]
 
 
@@ -44,6 +46,13 @@ def _logprobs(model) -> list[list[float]]:
             lp = torch.log_softmax(model(x).logits.float(), -1)[0, :-1]
         out.append(lp.gather(-1, x[0, 1:, None])[:, 0].tolist())
     return out
+
+
+def _remote_code_greedy(path: Path) -> list[list[int]]:
+    """The same greedy tokens through plain transformers with the export's remote code."""
+    from transformers import AutoModelForCausalLM
+
+    return _greedy(AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32))
 
 
 def _shared_plan(types: list[str]) -> SharingPlan:
@@ -79,6 +88,13 @@ def make(out: Path) -> dict:
         entry = {"layers": len(types), "owners": len(types) - len(plan.consumers),
                  "kv_source_layers": plan.kv_source_layers, "layer_types": types, "greedy": _greedy(shared),
                  "logprobs": _logprobs(shared), "base_greedy": _greedy(kvtool.load(base)[0])}
+        if arch in HEALED:
+            heal(plan, out=d / "healed", model=kvtool.load(base)[0], tokenizer=tok, settings=HealSettings(
+                tokens=3000, text="calibration", train="lora", lora_rank=4, seq_len=32, val_rows=4, top_k=16,
+                eval_every=1000, lr=1e-2))
+            healed, _ = kvtool.load(d / "healed")
+            entry["healed"] = {"greedy": _greedy(healed), "logprobs": _logprobs(healed),
+                               "remote_code_greedy": _remote_code_greedy(d / "healed")}
         c = plan.consumers[0]
         owner = plan.kv_source_layers[c]
         # a consumer whose checkpoint still holds its own K/V: the base's full weights under the shared config

@@ -58,6 +58,20 @@ def test_shared_map_matches_kvtool_load(fx, arch, tmp_path_factory):
     assert run["greedy"] != base["greedy"] or run["prompt_logprobs"] != base["prompt_logprobs"]  # really shared
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_healed_export_has_the_same_greedy_tokens_in_all_three_runtimes(fx, arch, tmp_path_factory):
+    """A LoRA-healed export (adapters merged into the weights, owners' K/V changed too): vLLM's greedy tokens equal
+    kvtool.load's and plain transformers' with the export's remote code, and healing changed the model."""
+    want = fx["archs"][arch]["healed"]
+    run = standard_run(fx, arch, "healed", tmp_path_factory)
+    assert [until_eos(g) for g in run["greedy"]] == [until_eos(g) for g in want["greedy"]]
+    assert [until_eos(g) for g in want["remote_code_greedy"]] == [until_eos(g) for g in want["greedy"]]
+    gap = max(abs(a - b) for ra, rb in zip(run["prompt_logprobs"], want["logprobs"], strict=True)
+              for a, b in zip(ra, rb, strict=True))
+    assert gap < 1e-4, gap
+    assert run["prompt_logprobs"] != standard_run(fx, arch, "shared", tmp_path_factory)["prompt_logprobs"]
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_block_ratio_is_layers_over_owners(fx, arch, tmp_path_factory):
     """Consumers get no blocks: the KV memory is divided among the owners only."""
