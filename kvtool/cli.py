@@ -662,6 +662,8 @@ def engine_table(en: dict):
             bq, sq = rows[name], rows[f"shared+{q}"]
             t.add_row(f"KV {q}: blocks", f(bq["num_blocks"]), f(sq["num_blocks"]), f(sq["block_ratio"], 3))
             t.add_row(f"KV {q}: held-out ppl", f(bq["ppl"], 3), f(sq["ppl"], 3), f(sq["ppl"] / bq["ppl"], 3))
+    for q, reason in en.get("unsupported_kv_cache_dtypes", {}).items():
+        t.add_row(f"KV {q}: not available on this machine", reason, "", "")
     return t
 
 

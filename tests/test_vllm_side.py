@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 import kvtool
@@ -20,7 +21,7 @@ from kvtool.evaluation.variants import EvalSettings
 from kvtool.formats.cache_size import engine_blocks, kv_page_bytes
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
-from kvtool.io.vllm_env import cpu_thread_binding, vllm_python
+from kvtool.io.vllm_env import EngineFailed, cpu_thread_binding, vllm_python
 from kvtool.serving import ServeSettings, _cache_info, capacity
 
 
@@ -79,6 +80,9 @@ def _fake_engine(monkeypatch, blocks: dict[str, int], gap: float = 0.0):
 
     def run(python, job, **kw):
         which = "shared" if job["model"].endswith("exp") else "base"
+        if job["kv_cache_dtype"] not in ("auto", *[k.split("+")[1] for k in blocks if "+" in k]):
+            raise EngineFailed("the vLLM engine on X failed: FP8 KV cache on CPU requires x86 with AVX-512 or AMX.",
+                               "FP8 KV cache on CPU requires x86 with AVX-512 or AMX.")
         n = blocks[which if job["kv_cache_dtype"] == "auto" else f"{which}+{job['kv_cache_dtype']}"]
         res = {"vllm": "fake", "kv_cache_dtype": job["kv_cache_dtype"], "block_size": 128, "num_blocks": n,
                "kv_tokens": n * 128, "max_concurrency": n * 128 / job["max_model_len"]}
@@ -120,6 +124,19 @@ def test_engine_task_reports_ratio_gap_and_throughput(shared_dir, monkeypatch, t
     assert en["rows"]["shared+fp8"]["num_blocks"] == 341
     assert [t["batch"] for t in en["rows"]["base"]["throughput"]] == [42, 85]  # 40 tokens fit in one block
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["engine"]["rows"]["base"]["num_blocks"] == 42
+
+
+def test_engine_task_says_which_kv_dtype_this_machine_lacks(shared_dir, monkeypatch, tmp_path):
+    _fake_engine(monkeypatch, {"base": 42, "shared": 85})
+    rep = evaluate(shared_dir, tasks=("engine",), settings=SMALL)
+    en = rep["tasks"]["engine"]
+    assert set(en["rows"]) == {"base", "shared"} and "AVX-512" in en["unsupported_kv_cache_dtypes"]["fp8"]
+    assert all(c["ok"] for c in en["checks"]) and len(en["checks"]) == 3  # no fp8 figure to check
+    from kvtool.cli import engine_table
+
+    rendered = Console(width=200, record=True)
+    rendered.print(engine_table(en))
+    assert "KV fp8: not available on this machine" in rendered.export_text()
 
 
 @pytest.mark.parametrize(("blocks", "gap", "words"), [

@@ -20,7 +20,7 @@ from kvtool.data.texts import eval_prompts, heldout_chunks
 from kvtool.evaluation.variants import Variants
 from kvtool.io.devices import model_device
 from kvtool.io.loading import resolve_model
-from kvtool.io.vllm_env import check_export, cpu_thread_binding, run_engine_job
+from kvtool.io.vllm_env import EngineFailed, check_export, cpu_thread_binding, run_engine_job
 from kvtool.progress import Log, silent
 
 # How far |log p(engine) - log p(kvtool.load)| per held-out token may go and still count as the same model, by the
@@ -103,10 +103,16 @@ def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dt
     tp = [{"batch": b, "prompt_len": prompt, "max_tokens": new} for b in sorted(set(fits.values()))]
     for which in ("base", "shared"):  # both engines at both batches, each in a fresh engine again
         runs[which]["throughput"] = job(which, "auto", prompt_logprobs=None, throughput=tp)["throughput"]
+    unsupported: dict[str, str] = {}
     for kv_dtype in kv_cache_dtypes:
         if kv_dtype != "auto":
-            for which in ("base", "shared"):
-                runs[f"{which}+{kv_dtype}"] = job(which, kv_dtype)
+            try:
+                for which in ("base", "shared"):
+                    runs[f"{which}+{kv_dtype}"] = job(which, kv_dtype)
+            except EngineFailed as e:  # the same model ran with the model's dtype: the engine refuses this one here
+                say(f"vLLM: KV cache {kv_dtype} is not available here: {e.reason}")
+                unsupported[kv_dtype] = e.reason
+                runs.pop(f"base+{kv_dtype}", None)
 
     rows: dict[str, dict[str, Any]] = {}
     for name, r in runs.items():
@@ -130,9 +136,9 @@ def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dt
            "max_model_len": max_len, "prompt": prompt, "new": new, "layers": layers, "owners": owners,
            "block_ratio_limit": limit, "logprob_tolerance": tol, "logprob_statistic": stat,
            "heldout_tokens": ids.shape[0] * (ids.shape[1] - 1), "greedy_prompts": len(gen), "greedy_new": gen_new,
-           "rows": rows}
+           "rows": rows, "unsupported_kv_cache_dtypes": unsupported}
     checks = rep["checks"] = []
-    for kv_dtype in ("auto", *[d for d in kv_cache_dtypes if d != "auto"]):
+    for kv_dtype in ("auto", *[d for d in kv_cache_dtypes if d not in ("auto", *unsupported)]):
         sfx = "" if kv_dtype == "auto" else f"+{kv_dtype}"
         b, s = rows[f"base{sfx}"], rows[f"shared{sfx}"]
         s["block_ratio"] = s["num_blocks"] / b["num_blocks"]

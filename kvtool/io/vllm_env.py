@@ -66,9 +66,17 @@ def run_engine_job(python: str, job: dict[str, Any], *, timeout: float = 1800, l
         res = json.loads(out_file.read_text()) if out_file.is_file() else {}
         if r.returncode != 0 or "error" in res:
             where = f" (log: {log})" if log else ""
-            raise KvtoolError(f"the vLLM engine on {job['model']} failed: "
-                              f"{res.get('error') or f'exit status {r.returncode}'}{where}")
+            reason = res.get("error") or f"exit status {r.returncode}"
+            raise EngineFailed(f"the vLLM engine on {job['model']} failed: {reason}{where}", reason)
         return res
+
+
+class EngineFailed(KvtoolError):
+    """A vLLM engine job that started and failed; ``reason`` is the engine's own message."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def cpu_thread_binding(tensor_parallel_size: int) -> dict[str, str]:
