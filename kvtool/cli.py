@@ -493,6 +493,8 @@ def eval_(
 def _print_report(rep: dict, json_out: Path | None) -> None:
     if "engine" in rep["tasks"]:
         out.print(engine_table(rep["tasks"]["engine"]))
+        for line in engine_notes(rep["tasks"]["engine"]):
+            out.print(line, soft_wrap=True, markup=False, highlight=False)
     if set(rep["tasks"]) - {"engine"}:
         out.print(report_table(rep))
     if "merge" in rep["tasks"]:
@@ -662,9 +664,13 @@ def engine_table(en: dict):
             bq, sq = rows[name], rows[f"shared+{q}"]
             t.add_row(f"KV {q}: blocks", f(bq["num_blocks"]), f(sq["num_blocks"]), f(sq["block_ratio"], 3))
             t.add_row(f"KV {q}: held-out ppl", f(bq["ppl"], 3), f(sq["ppl"], 3), f(sq["ppl"] / bq["ppl"], 3))
-    for q, reason in en.get("unsupported_kv_cache_dtypes", {}).items():
-        t.add_row(f"KV {q}: not available on this machine", reason, "", "")
     return t
+
+
+def engine_notes(en: dict) -> list[str]:
+    """One line per KV cache dtype the engine refused on this machine, with the engine's own reason."""
+    return [f"KV {q}: not available on this machine: {reason}"
+            for q, reason in en.get("unsupported_kv_cache_dtypes", {}).items()]
 
 
 def serve_table(sv: dict):
