@@ -153,6 +153,9 @@ def search(
     beam_width: Annotated[int, typer.Option(min=1, help="best-first: partial maps kept at each step")] = 1,
     refine: Annotated[int, typer.Option(min=0, help="best-first: at most N one-move swaps tried after the target "
                                                     "is reached")] = 0,
+    holdout: Annotated[float, typer.Option(min=0, max=0.9, help="best-first: share of the calibration chunks kept "
+                                                             "out of the fit, to choose among the beam's finished "
+                                                             "maps and the refinement's swaps by held-out KL")] = 0.0,
     context: Annotated[int, typer.Option(min=1, help="tokens per sequence at which KV bytes are counted (matters "
                                                      "for sliding-window layers)")] = 4096,
     order: Annotated[str, typer.Option(help="best-first (kvtool's default), local (lowest local attention error "
@@ -195,7 +198,7 @@ def search(
     settings = SearchSettings(target=target, layers=layers, threshold=threshold, order=order, distance=distance,
                               validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,
                               merge_budget=merge_budget, granularity=granularity, beam_width=beam_width,
-                              refine=refine, context=context, allow_partial=allow_partial)
+                              refine=refine, holdout=holdout, context=context, allow_partial=allow_partial)
     t0, tried = time.time(), [0]
 
     def on_try(r: dict) -> None:

@@ -145,3 +145,30 @@ def test_old_recipes_still_load():
     s = SearchSettings.from_dict({"target": 0.3, "strict": True, "beam": 4})
     assert s.target == 0.3 and s.granularity == "layer"
     assert json.loads(json.dumps(s.to_dict()))["beam_width"] == 1
+
+
+def test_holdout_chooses_the_beams_finished_map_by_its_kl_on_chunks_it_was_not_fitted_on(tok):
+    from kvtool.search.best_first import Partial
+    from kvtool.search.scoring import Scorer
+    from kvtool.search.search import held_out_choice, holdout_rows
+
+    assert holdout_rows(8, 0.25) == ([0, 1, 2, 4, 5, 6], [3, 7]) and holdout_rows(8, 0) == (list(range(8)), [])
+    with pytest.raises(KvtoolError, match="more --samples"):
+        holdout_rows(1, 0.5)
+    m = tiny_model("llama", num_hidden_layers=8)
+    st = calibrate(m, tokenizer=tok, samples=8, seq_len=20, batch_size=4)
+    r = search(st, model=m, target=0.375, beam=3, beam_width=3, refine=4, holdout=0.25, precision="model")
+    d = r.plan.details
+    assert d["holdout_rows"] == 2 and d["holdout_maps_compared"] >= 2 and _removed(r.plan, m) >= 0.375 - 1e-9
+    fit, held = holdout_rows(8, 0.25)
+    judge = Scorer(m, st.input_ids[held], st.final_hidden[held], metric="kl", incremental=False)
+    assert judge.initial(r.plan).value == pytest.approx(d["holdout_score"], abs=1e-6)
+    # the choice itself: among candidate maps, the one with the lowest KL on the held-out chunks
+    cands = [Partial(identity(8) if n == 0 else apply_move(identity(8), Move(j, "kv", 0)), None, (), ())
+             for n, j in enumerate((0, 3, 5, 7))]
+    choose, record = held_out_choice(judge, 8, False)
+    kls = [judge.initial(SharingPlan.from_tensors(list(c.src[0]), list(c.src[1]))).value for c in cands]
+    assert choose(cands) is cands[0] and record["compared"] == 4 and record["score"] == pytest.approx(kls[0])
+    assert choose(cands[1:]) is cands[1 + min(range(3), key=lambda n: kls[n + 1])]
+    with pytest.raises(KvtoolError, match="--holdout need --order best-first"):
+        SearchSettings(order="dissimilar", holdout=0.25).validated()

@@ -73,6 +73,8 @@ class SearchSettings:
     granularity: str = "layer"  # best-first moves: whole layers, or also a layer's keys or values alone
     beam_width: int = 1  # best-first: partial maps kept at each step
     refine: int = 0  # best-first: at most this many one-move swaps tried once the target is reached
+    holdout: float = 0.0  # best-first: share of the calibration chunks kept out of the fit, to choose among the
+    # beam's finished maps and the refinement's swaps by their KL on text they were not fitted on (0: by the fit KL)
     context: int = DEFAULT_CONTEXT
     allow_partial: bool = False  # when the quality guard stops the search short, return (and write) what it has
 
@@ -97,10 +99,12 @@ class SearchSettings:
             raise KvtoolError("search: beam, beam width and batch size must be ≥ 1, screen and refine ≥ 0")
         if self.context < 1:
             raise KvtoolError(f"--context must be ≥ 1 token, got {self.context}")
+        if not 0 <= self.holdout < 1:
+            raise KvtoolError(f"--holdout must be in [0, 1), got {self.holdout}")
         if self.order != "best-first" and self.layout is None and (
-                self.granularity != "layer" or self.beam_width != 1 or self.refine):
-            raise KvtoolError(f"--granularity tensor, --beam-width and --refine need --order best-first (the "
-                              f"{self.order} order walks whole-layer pairs)")
+                self.granularity != "layer" or self.beam_width != 1 or self.refine or self.holdout):
+            raise KvtoolError(f"--granularity tensor, --beam-width, --refine and --holdout need --order best-first "
+                              f"(the {self.order} order walks whole-layer pairs)")
         if self.layers is not None and self.granularity != "layer":
             raise KvtoolError("--layers counts whole layers; with --granularity tensor give --target")
         if self.merge_budget is not None and not 0 < self.merge_budget <= 1:

@@ -2,12 +2,14 @@
 
 Each step, every partial map in the beam proposes the admissible moves with the lowest local attention error per
 byte saved (per kind of move, see ``_ranked``); each is scored on the calibration chunks (incrementally, from the
-layer it changes). With a beam width of 1 the move with the lowest score increase per byte saved is taken (bytes past
-the target count for nothing); with a wider beam the ``width`` best children by score increase per byte removed so
-far are kept, deduplicated. Maps that reach the goal are set aside; the best of them (by calibration score) is the
-result. A quality guard (``threshold``) discards children past it; when no map reaches the goal the deepest one is
-returned as partial. ``refine`` then tries swapping one chosen move for an unchosen one while the score improves, at
-most ``refine`` swaps scored. Everything is deterministic: ties break on the moves' order.
+layer it changes). With a beam width of 1 the move with the lowest score increase per byte saved is taken (bytes
+past the target count for nothing); with a wider beam the ``width`` best children by score increase per byte removed
+so far are kept, deduplicated. Maps that reach the goal are set aside; the best of them (by calibration score) is
+the result (or, given ``choose``, the one it picks: ``search``'s held-out split of the calibration). A quality guard
+(``threshold``) discards children past it; when no map reaches the goal the deepest one is returned as partial.
+``refine`` then tries swapping one chosen move for an unchosen one while the score improves, at most ``refine``
+swaps scored; ``choose`` picks among the maps it passed through. Everything is deterministic: ties break on the
+moves' order.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class Partial:
         return self.state.value
 
 
+Choose = Callable[[list[Partial]], Partial]
+
+
 def to_plan(src: Sources) -> SharingPlan:
     return SharingPlan.from_tensors(list(src[0]), list(src[1]))
 
@@ -73,7 +78,8 @@ def _ranked(src: Sources, types: list[str], err: dict[str, torch.Tensor], granul
 
 def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], goal: Goal, *, pool: int = 4,
                width: int = 1, threshold: float | None = None, granularity: str = "layer", screen: int = 0,
-               on_try: Callable[[dict], None] | None = None) -> tuple[Partial, list[dict], bool]:
+               on_try: Callable[[dict], None] | None = None, choose: Choose | None = None
+               ) -> tuple[Partial, list[dict], bool]:
     """Returns (the best map that reaches ``goal``, or the deepest one when the guard stops every path; the tries;
     whether the goal was reached)."""
     L = len(types)
@@ -134,17 +140,20 @@ def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], g
         step += 1
     if not finished:
         return deepest, tries, goal.reached(deepest.src)
+    if choose is not None and len(finished) > 1:
+        return choose(finished), tries, True
     best = min(finished, key=lambda c: (_loss(scorer, c.value), c.moves))
     return best, tries, True
 
 
 def refine(scorer: Scorer, best: Partial, err: dict[str, torch.Tensor], types: list[str], goal: Goal, *,
-           budget: int, pool: int = 4, granularity: str = "layer", on_try: Callable[[dict], None] | None = None
-           ) -> tuple[Partial, list[dict]]:
+           budget: int, pool: int = 4, granularity: str = "layer", on_try: Callable[[dict], None] | None = None,
+           choose: Choose | None = None) -> tuple[Partial, list[dict]]:
     """Swap one chosen move for an unchosen one while the calibration score improves; at most ``budget`` swaps are
     scored. Chosen moves are tried for removal costliest first, replacements by local error per unit."""
     tries: list[dict] = []
     tried: set[Sources] = {best.src}
+    path = [best]  # the maps the swaps passed through, for ``choose``
     improved = True
     while improved and len(tries) < budget:
         improved = False
@@ -170,10 +179,13 @@ def refine(scorer: Scorer, best: Partial, err: dict[str, torch.Tensor], types: l
                     best = Partial(src, scorer.advance(best.state, scored),
                                    best.moves[:n] + best.moves[n + 1 :] + (u,),
                                    best.costs[:n] + best.costs[n + 1 :] + (best.costs[n] + gain,))
+                    path.append(best)
                     improved = True
                     break
                 if len(tries) >= budget:
                     break
             if improved or len(tries) >= budget:
                 break
+    if choose is not None and len(path) > 1:
+        return choose(path), tries
     return best, tries

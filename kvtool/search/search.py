@@ -35,7 +35,7 @@ from kvtool.formats.stats import CalibrationStats
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import model_and_tokenizer
 from kvtool.progress import Log
-from kvtool.search.best_first import best_first, refine
+from kvtool.search.best_first import Partial, best_first, refine, to_plan
 from kvtool.search.layouts import layout_plan
 from kvtool.search.local_scores import local_errors_by_kind
 from kvtool.search.moves import Goal, removed_units
@@ -72,6 +72,38 @@ def scoring_dtype(model, precision: str) -> torch.dtype:
     cpu = getattr(torch, "cpu", None)
     native = any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
     return torch.bfloat16 if native else own
+
+
+def holdout_rows(rows: int, share: float) -> tuple[list[int], list[int]]:
+    """(fit rows, held-out rows) of the calibration chunks: every ``round(1 / share)``-th chunk is held out, so both
+    parts spread over the whole text; no chunk is held out at ``share`` 0."""
+    if not share:
+        return list(range(rows)), []
+    step = max(2, round(1 / share))
+    held = list(range(step - 1, rows, step))
+    if not held:
+        raise KvtoolError(f"--holdout {share}: {rows} calibration chunks leave none to hold out; calibrate with "
+                          f"more --samples")
+    return [r for r in range(rows) if r not in held], held
+
+
+def held_out_choice(selector: Scorer, num_layers: int, own_reference: bool
+                    ) -> tuple[Callable[[list[Partial]], Partial], dict]:
+    """A ``choose`` for ``best_first``/``refine``: the candidate with the best score on the held-out chunks (ties:
+    the earlier moves), and a dict that records how many maps it compared and the chosen one's score."""
+    record: dict[str, Any] = {"compared": 0}
+    if own_reference:  # the unshared model's own outputs under the scoring precision are the reference
+        selector.initial(SharingPlan.identity(num_layers))
+
+    def choose(candidates: list[Partial]) -> Partial:
+        scored = [(selector.initial(to_plan(c.src)).value, c) for c in candidates]
+        record["compared"] += len(scored)
+        sign = -1 if HIGHER_IS_BETTER[selector.metric] else 1
+        value, best = min(scored, key=lambda x: (sign * x[0], x[1].moves))
+        record["score"] = round(value, 6)
+        return best
+
+    return choose, record
 
 
 @dataclass
@@ -143,8 +175,15 @@ def search(
             t1 = time.time()
             scoring_model = copy.deepcopy(model).to(precision)  # bf16 matmuls: ~2x faster on a bf16 CPU
             phases["bf16_copy"] = time.time() - t1
-        scorer = Scorer(scoring_model, st.input_ids, st.final_hidden, metric=validate, batch_size=s.batch_size,
-                        incremental=s.incremental, own_reference=scoring_model is not model)
+        fit, held = holdout_rows(st.input_ids.shape[0], s.holdout)
+        scorer = Scorer(scoring_model, st.input_ids[fit], st.final_hidden[fit], metric=validate,
+                        batch_size=s.batch_size, incremental=s.incremental, own_reference=scoring_model is not model)
+        choose, chosen = None, {}
+        if held:
+            choose, chosen = held_out_choice(Scorer(scoring_model, st.input_ids[held], st.final_hidden[held],
+                                                    metric=validate, batch_size=s.batch_size, incremental=False,
+                                                    own_reference=scoring_model is not model), L,
+                                              scoring_model is not model)
         refine_tries: list[dict] = []
         if order in ("local", "best-first"):
             t1 = time.time()
@@ -160,11 +199,11 @@ def search(
             else:
                 best, tries, reached = best_first(scorer, err, types, goal, pool=s.beam, width=s.beam_width,
                                                   threshold=threshold, granularity=s.granularity, screen=s.screen,
-                                                  on_try=on_try)
+                                                  on_try=on_try, choose=choose)
                 if s.refine and reached:
                     t1 = time.time()
                     best, refine_tries = refine(scorer, best, err, types, goal, budget=s.refine, pool=s.beam,
-                                                granularity=s.granularity, on_try=on_try)
+                                                granularity=s.granularity, on_try=on_try, choose=choose)
                     phases["refine"] = time.time() - t1
                 k_src, v_src = list(best.src[0]), list(best.src[1])
                 score = round(best.value, 6) if best.moves else None
@@ -181,6 +220,8 @@ def search(
                         else "local-attention-error", "validate": validate,
                         **({"beam": s.beam, "beam_width": s.beam_width, "granularity": s.granularity,
                             "refine": s.refine} if order == "best-first" else {}),
+                        **({"holdout": s.holdout, "holdout_rows": len(held), "holdout_maps_compared":
+                            chosen.get("compared", 0), "holdout_score": chosen.get("score")} if held else {}),
                         **({"screen": s.screen} if s.screen else {}),
                         "context": s.context, "kv_bytes_removed": round(removed, 6),
                         "precision": str(precision).removeprefix("torch."), "batch_size": s.batch_size,
