@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from kvtool.errors import KvtoolError
+from kvtool.formats.recipe import CalibrationSettings
 from kvtool.version import __version__
 
 app = typer.Typer(
@@ -110,8 +111,8 @@ def calibrate(
     model: ModelOpt = None,
     data: Annotated[str | None, typer.Option(help=".txt (blank-line separated), .jsonl ({text} or {messages}), "
                                                   "a directory of those, 'default' or 'pydoc'")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="number of token chunks")] = 32,
-    seq_len: Annotated[int, typer.Option(min=2, help="tokens per chunk")] = 128,
+    samples: Annotated[int, typer.Option(min=1, help="number of token chunks")] = CalibrationSettings.samples,
+    seq_len: Annotated[int, typer.Option(min=2, help="tokens per chunk")] = CalibrationSettings.seq_len,
     seed: Annotated[int, typer.Option(help="which chunks are picked")] = 0,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     dtype: DtypeOpt = None,
@@ -285,8 +286,8 @@ def compress(
     target: Annotated[float, typer.Option(help="fraction of layers that stop storing KV")] = 0.3,
     model: ModelOpt = None,
     data: Annotated[str | None, typer.Option(help="calibration data (see `kvtool calibrate --help`)")] = None,
-    samples: Annotated[int, typer.Option(min=1, help="calibration chunks")] = 32,
-    seq_len: Annotated[int, typer.Option(min=2, help="tokens per chunk")] = 128,
+    samples: Annotated[int, typer.Option(min=1, help="calibration chunks")] = CalibrationSettings.samples,
+    seq_len: Annotated[int, typer.Option(min=2, help="tokens per chunk")] = CalibrationSettings.seq_len,
     order: Annotated[str, typer.Option(help="search order (see `kvtool search --help`)")] = "best-first",
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -309,7 +310,7 @@ def heal(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="directory to write (an export)")],
     model: ModelOpt = None,
     tokens: Annotated[str, typer.Option(help="tokens to train on, e.g. 250k or 1M (early stopping may end "
-                                             "sooner)")] = "256k",
+                                             "sooner); auto: 256k on a CPU, 8M on a GPU")] = "auto",
     text: Annotated[str, typer.Option(help="generated (the base model's own samples, cached under $KVTOOL_CACHE) "
                                            "or calibration (--data, default kvtool's calibration set)")] = "generated",
     train: Annotated[str, typer.Option(help="attention (consumers' q/o projections), sources (also the K/V "
@@ -332,8 +333,8 @@ def heal(
     from kvtool.heal import HealSettings
     from kvtool.heal import heal as run
 
-    s = HealSettings(tokens=parse_count(tokens), text=text, train=train, lr=lr, batch_size=batch_size,
-                     seq_len=seq_len, lora_rank=lora_rank, data=data, seed=seed).validated()
+    s = HealSettings(tokens=None if tokens == "auto" else parse_count(tokens), text=text, train=train, lr=lr,
+                     batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, data=data, seed=seed).validated()
     with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed:,.0f}/{task.total:,.0f}",
                   TimeElapsedColumn(), TimeRemainingColumn(), console=out) as bar:
         tasks: dict[str, int] = {}

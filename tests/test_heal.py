@@ -191,3 +191,14 @@ def test_eval_of_a_healed_export_reports_base_unhealed_and_healed(base, tmp_path
         want, _ = perplexity(fresh, heldout_chunks(t, 2, 32).input_ids)
     assert T["ppl"]["unhealed"] == pytest.approx(want, rel=1e-4)
     assert T["ppl"]["ratio_unhealed"] == pytest.approx(want / T["ppl"]["base"], rel=1e-4)
+
+
+def test_the_default_budget_follows_the_device():
+    from kvtool.heal import DEFAULT_TOKENS, with_budget
+
+    auto = HealSettings().validated()
+    assert auto.tokens is None
+    assert with_budget(auto, torch.device("cpu")).tokens == DEFAULT_TOKENS["cpu"] == 256_000
+    assert with_budget(auto, torch.device("meta")).tokens == DEFAULT_TOKENS["cpu"]
+    assert with_budget(auto, torch.device("cuda", 0)).tokens == DEFAULT_TOKENS["cuda"] > DEFAULT_TOKENS["cpu"]
+    assert with_budget(HealSettings(tokens=5000), torch.device("cuda")).tokens == 5000

@@ -29,8 +29,8 @@ def _from_dict(cls, d: Any, what: str):
 @dataclass
 class CalibrationSettings:
     data: str | None = None  # None: kvtool's shipped calibration set
-    samples: int = 32
-    seq_len: int = 128
+    samples: int = 64  # 64 × 256 tokens: the smallest calibration measured to generalise (docs/RESULTS.md, issue 24)
+    seq_len: int = 256
     seed: int = 0
     batch_size: int = 8
 
@@ -67,7 +67,8 @@ class SearchSettings:
     merge_budget: float | None = None
     incremental: bool = True
     batch_size: int = 32  # calibration chunks per scoring forward
-    screen: int = 0  # best-first: compare candidates on this many scoring batches first (0: on all of them)
+    screen: int = 1  # best-first: compare candidates on this many scoring batches first, then complete the kept one
+    # (0: every candidate on all of them; no effect while the calibration fits one batch)
     precision: str = "auto"  # scoring forwards: "model" (its own dtype), "bfloat16", or "auto" (bfloat16 where the
     # hardware runs it natively: a GPU, or a CPU with AVX512-BF16/AMX; the model's dtype elsewhere)
     granularity: str = "layer"  # best-first moves: whole layers, or also a layer's keys or values alone
@@ -163,9 +164,10 @@ class Recipe:
             search.order = det.get("order", search.order)
             search.validate = det.get("validate")
             search.beam = det.get("beam", search.beam)
-            for key in ("granularity", "beam_width", "refine", "context"):
+            for key in ("granularity", "beam_width", "refine", "holdout", "context"):
                 if key in det:
                     setattr(search, key, det[key])
+            search.screen = det.get("screen", 0)  # plans record it when it is set
             search.incremental = det.get("incremental", True)
             if det.get("distance") in DISTANCES:
                 search.distance = det["distance"]
