@@ -316,7 +316,7 @@ def heal(
     train: Annotated[str, typer.Option(help="attention (consumers' q/o projections), sources (also the K/V "
                                             "projections of the layers they read), layers (consumer layers whole, "
                                             "but their unused K/V) or lora (low-rank updates of every layer's "
-                                            "attention, merged at export)")] = "attention",
+                                            "attention, merged at export)")] = "lora",
     lr: Annotated[float, typer.Option(help="AdamW learning rate")] = 2e-3,
     batch_size: Annotated[int, typer.Option(min=1, help="rows per step")] = 4,
     seq_len: Annotated[int, typer.Option(min=8, help="tokens per row")] = 256,

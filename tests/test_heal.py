@@ -95,7 +95,7 @@ def test_heal_attention_on_generated_text(base, tmp_path):
     m, t = base
     plan = SharingPlan([0, 1, 1, 3, 3, 3])
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
-    res = heal(plan, out=tmp_path / "healed", model=m, tokenizer=t, settings=HealSettings(**SET),
+    res = heal(plan, out=tmp_path / "healed", model=m, tokenizer=t, settings=HealSettings(**SET, train="attention"),
                checkpoints=(800, 1600), checkpoint=lambda n, mm: {"seen": n, "training": mm.training})
     assert res["val_kl_after"] < res["val_kl_before"] and res["tokens_trained"] >= 2400
     assert [c["tokens"] >= want for c, want in zip(res["curve"], (800, 1600), strict=True)] == [True, True]
