@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from search_speed import parse_variant  # bench/ is on the path when run as a script
+from search_speed import pick_methods  # bench/ is on the path when run as a script
 
 METHODS = {"path": {}}  # more with --method, e.g. "refine 16=refine:16" or "refine 16 + holdout=refine:16,..."
 
@@ -61,10 +61,7 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    methods = dict(METHODS)
-    methods.update(dict(parse_variant(m) for m in a.method))
-    if a.only:
-        methods = {k: methods[k] for k in a.only.split(",")}
+    methods = pick_methods(METHODS, a.method, a.only)
     targets = sorted(float(t) for t in a.targets.split(",") if t)
     calibs = dict(c.split("=", 1) for c in a.calib)
     report = json.loads(a.json.read_text()) if a.json.exists() else {"rows": []}

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from search_speed import parse_variant  # bench/ is on the path when run as a script
+from search_speed import pick_methods  # bench/ is on the path when run as a script
 
 METHODS = {
     "layer path": {},
@@ -59,10 +59,7 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    methods = dict(METHODS)
-    methods.update(dict(parse_variant(m) for m in a.method))
-    if a.only:
-        methods = {k: methods[k] for k in a.only.split(",")}
+    methods = pick_methods(METHODS, a.method, a.only)
     targets = [float(t) for t in a.targets.split(",") if t]
     st = CalibrationStats.load(a.calib)
     model, tok = load(st.meta.get("model"))

@@ -24,6 +24,12 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, out
 
 
+def pick_methods(defaults: dict[str, dict], specs: list[str], only: str | None) -> dict[str, dict]:
+    """``defaults`` plus the ``NAME=k:v,...`` variants in ``specs``, narrowed to the comma-separated ``only``."""
+    methods = {**defaults, **dict(parse_variant(m) for m in specs)}
+    return {k: methods[k] for k in only.split(",")} if only else methods
+
+
 DEFAULTS = ['fp32-b16=precision:"model",batch_size:16', "default="]
 
 
