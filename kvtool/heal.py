@@ -86,9 +86,9 @@ class HealSettings:
                               seed=self.seed).validated()
 
 
-# The default budget per device type. CPU: the heal curve's 250k tokens (1.74× → 1.29× base perplexity on SmolLM2's
-# 30% map; ~15 min of training on 2 cores, once the corpus is cached). CUDA: the curve had not flattened at 250k,
-# and a GPU trains and samples 8M tokens in minutes (an extrapolation: no GPU run was measured).
+# The default budget per device type. CPU: the heal curve's 250k tokens (LoRA: 1.74× → 1.22× base perplexity on
+# SmolLM2's 30% map; ~17 min of training on 2 cores, once the corpus is cached). CUDA: the curve had not flattened
+# at 250k, and a GPU trains and samples 8M tokens in minutes (an extrapolation: no GPU run was measured).
 DEFAULT_TOKENS = {"cpu": 256_000, "cuda": 8_000_000}
 
 

@@ -35,10 +35,10 @@ from kvtool.formats.stats import CalibrationStats
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import model_and_tokenizer
 from kvtool.progress import Log
-from kvtool.search.best_first import Partial, best_first, refine, to_plan
+from kvtool.search.best_first import Choose, Partial, best_first, refine, to_plan
 from kvtool.search.layouts import layout_plan
 from kvtool.search.local_scores import local_errors_by_kind
-from kvtool.search.moves import Goal, removed_units
+from kvtool.search.moves import Goal, Sources, removed_units
 from kvtool.search.orders import greedy, rank_pairs
 from kvtool.search.scoring import HIGHER_IS_BETTER, Scorer
 
@@ -87,17 +87,23 @@ def holdout_rows(rows: int, share: float) -> tuple[list[int], list[int]]:
     return [r for r in range(rows) if r not in held], held
 
 
-def held_out_choice(selector: Scorer, num_layers: int, own_reference: bool
-                    ) -> tuple[Callable[[list[Partial]], Partial], dict]:
+def held_out_choice(selector: Scorer, num_layers: int, own_reference: bool) -> tuple[Choose, dict]:
     """A ``choose`` for ``best_first``/``refine``: the candidate with the best score on the held-out chunks (ties:
-    the earlier moves), and a dict that records how many maps it compared and the chosen one's score."""
+    the earlier moves), and a dict that records how many maps it compared and the chosen one's score. Each map is
+    scored once (the refinement starts from the beam's choice)."""
     record: dict[str, Any] = {"compared": 0}
+    values: dict[Sources, float] = {}
     if own_reference:  # the unshared model's own outputs under the scoring precision are the reference
         selector.initial(SharingPlan.identity(num_layers))
 
+    def score_of(c: Partial) -> float:
+        if c.src not in values:
+            values[c.src] = selector.initial(to_plan(c.src)).value
+            record["compared"] += 1
+        return values[c.src]
+
     def choose(candidates: list[Partial]) -> Partial:
-        scored = [(selector.initial(to_plan(c.src)).value, c) for c in candidates]
-        record["compared"] += len(scored)
+        scored = [(score_of(c), c) for c in candidates]
         sign = -1 if HIGHER_IS_BETTER[selector.metric] else 1
         value, best = min(scored, key=lambda x: (sign * x[0], x[1].moves))
         record["score"] = round(value, 6)
