@@ -170,8 +170,12 @@ def search(
                                                     "grouped")] = None,
     group_size: Annotated[int, typer.Option(help="layers per group for --layout grouped")] = 4,
     seed: Annotated[int, typer.Option(help="seed for --order random")] = 0,
-    merge_budget: Annotated[float | None, typer.Option(help="also record KVMerger thresholds for this budget "
-                                                            "(fraction of prompt KV kept)")] = None,
+    merge_budget: Annotated[float | None, typer.Option(help="also record prompt-KV merging at this share of the "
+                                                            "prompt KV kept")] = None,
+    merge_method: Annotated[str | None, typer.Option(help="merge method for --merge-budget (default: kvmerger; "
+                                                          "any name in kvtool.METHODS)")] = None,
+    merge_allocation: Annotated[str, typer.Option(help="per-layer budgets: calibrated (from the keys' similarity) "
+                                                       "or even")] = "calibrated",
     compare_: Annotated[bool, typer.Option("--compare", help="run every order and layout at --target and "
                                                             "print one table")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="with --compare: write the table as JSON")] = None,
@@ -198,7 +202,8 @@ def search(
 
     settings = SearchSettings(target=target, layers=layers, threshold=threshold, order=order, distance=distance,
                               validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,
-                              merge_budget=merge_budget, granularity=granularity, beam_width=beam_width,
+                              merge_budget=merge_budget, merge_method=merge_method or "kvmerger",
+                              merge_allocation=merge_allocation, granularity=granularity, beam_width=beam_width,
                               refine=refine, holdout=holdout, context=context, allow_partial=allow_partial)
     t0, tried = time.time(), [0]
 
@@ -363,9 +368,9 @@ def generate(
     sample: Annotated[bool, typer.Option("--sample", help="sample instead of greedy decoding")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="do not apply the chat template")] = False,
     merge_budget: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="compress the prompt KV to this share (default: the export's setting)")] = None,
-    merge_method: Annotated[str, typer.Option(help="kvmerger, attnmerge, h2o or streaming (with "
-                                                   "--merge-budget)")] = "kvmerger",
+        min=0.0, max=1.0, help="merge the prompt KV to this share (default: the export's setting)")] = None,
+    merge_method: Annotated[str | None, typer.Option(help="merge method for --merge-budget (default: kvmerger; "
+                                                          "any name in kvtool.METHODS)")] = None,
     no_merge: Annotated[bool, typer.Option("--no-merge", help="turn off the export's prompt KV merging")] = False,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -377,7 +382,7 @@ def generate(
     if merge_budget is not None:
         if merge_budget <= 0:
             _fail("--merge-budget must be in (0, 1]")
-        merge = {"method": merge_method, "budget": merge_budget}
+        merge = {"method": merge_method or "kvmerger", "budget": merge_budget}
     run(model_dir, prompt, max_new_tokens=max_new_tokens, plan=plan, sample=sample, chat=not raw, dtype=dtype,
         device=device, merge=merge, on_text=lambda t: print(t, end="", flush=True))
 
@@ -405,10 +410,11 @@ def eval_(
     lm_eval_limit: Annotated[int | None, typer.Option("--lm-eval-limit", min=1, help="at most N documents per "
                                                                                       "lm-eval task")] = None,
     merge_budget: Annotated[list[float] | None, typer.Option(
-        "--merge-budget", help="compare KV merging with H2O/StreamingLLM eviction at this share of the prompt KV "
-                               "(repeat the option; default: the plan's merge budget)")] = None,
-    merge_methods: Annotated[str, typer.Option(help="comma list of kvmerger,attnmerge,h2o,streaming")] =
-        "kvmerger,attnmerge,h2o,streaming",
+        "--merge-budget", help="compare the merge methods (KVMerger, attnmerge, H2O and StreamingLLM eviction) at "
+                               "this share of the prompt KV (repeat the option; default: the plan's merge "
+                               "budget)")] = None,
+    merge_methods: Annotated[str | None, typer.Option(help="comma list of merge methods (default: every name in "
+                                                           "kvtool.METHODS)")] = None,
     merge_length: Annotated[int, typer.Option(min=64, help="passkey prompt length for the merge task")] = 2048,
     merge_depths: Annotated[int, typer.Option(min=1, help="passkey depths (evenly spaced) for the merge task")] = 10,
     merge_ppl_samples: Annotated[int, typer.Option(min=1, help="long-context perplexity windows")] = 4,
@@ -486,7 +492,8 @@ def eval_(
                        json_out=json_out, plots=plots, stats=stats,
                        lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
                        lm_eval_limit=lm_eval_limit, merge_budgets=merge_budget,
-                       merge_methods=tuple(x.strip() for x in merge_methods.split(",") if x.strip()), force=force,
+                       merge_methods=None if merge_methods is None else
+                       tuple(x.strip() for x in merge_methods.split(",") if x.strip()), force=force,
                        dtype=dtype, device=device, vllm_python=vllm_python, log=log)
     except CheckFailed as e:
         _print_report(e.report, json_out)

@@ -20,7 +20,8 @@ from kvtool.errors import KvtoolError, first_line
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.loading import quiet_transformers
 from kvtool.io.tiny import TINY_ARCHS, tiny_model
-from kvtool.merging.compressor import compression
+from kvtool.merging.hook import merge
+from kvtool.merging.methods import METHODS
 from kvtool.versions import versions
 
 
@@ -90,10 +91,11 @@ def _check_arch(arch: str) -> list[Check]:
 
         def merging_budget() -> str:
             shares = []
-            for method in ("kvmerger", "h2o"):
-                with compression(m, method=method, budget=0.5, protected_layers=[]):
+            for method in METHODS:
+                with merge(m, method=method, budget=0.5, protected_layers=[]):
                     shares.append(check_kv_in_effect(m))  # raises unless every layer holds its exact count
-            return f"KVMerger and H2O at budget 0.5 hold {shares[0]:.3f} / {shares[1]:.3f} of the base KV"
+            return "at budget 0.5 " + ", ".join(f"{n} holds {x:.3f}" for n, x in zip(METHODS, shares, strict=True)) \
+                + " of the base KV"
 
         run("cached == uncached", cached_equals_uncached)
         run("KV bytes = plan", kv_bytes)

@@ -10,9 +10,9 @@ from kvtool.cli import app
 from kvtool.data.passkey import answer_ok, build_cases
 from kvtool.evaluation.evaluate import evaluate
 from kvtool.evaluation.variants import EvalSettings
-from kvtool.formats.merge_settings import METHODS
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
+from kvtool.merging.methods import METHODS
 
 FAST = EvalSettings(ppl_samples=2, ppl_seq_len=32, gen_new_tokens=6, passkey_lengths=(64,), passkey_depths=(0.5,),
                     speed_batch=1, speed_prompt=16, speed_new=2, speed_repeats=1)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from kvtool.errors import KvtoolError
 from kvtool.formats.cache_size import stored_entries
-from kvtool.formats.merge_settings import CompressionSettings, layer_keep
+from kvtool.formats.merge_settings import MergeBase, layer_counts
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import Recipe
 from kvtool.formats.sidecar import SIDECAR, read_sidecar
@@ -73,10 +73,10 @@ def test_any_sidecar_json_reads_or_fails_with_one_kvtool_error(tmp_path_factory,
 def test_compressed_entries_never_exceed_the_uncompressed_ones(plan, budget, prompt, new):
     types = plan.layer_types
     try:
-        keep = layer_keep(CompressionSettings(budget=budget, protected_layers=[]), plan.kv_source_layers, types)
+        kept = layer_counts(MergeBase(budget=budget, protected_layers=[]), plan.kv_source_layers, types, prompt)
     except KvtoolError:
         return
     full = stored_entries(plan.kv_source_layers, types, 16, prompt, new)
-    merged = stored_entries(plan.kv_source_layers, types, 16, prompt, new, keep)
+    merged = stored_entries(plan.kv_source_layers, types, 16, prompt, new, kept)
     assert all(0 <= m <= f for m, f in zip(merged, full, strict=True))
     assert all(f == 0 for j, f in enumerate(full) if plan.kv_source_layers[j] != j)

@@ -20,7 +20,8 @@ from kvtool.crosslayer.runtime import apply_sharing, sharing
 from kvtool.errors import KvtoolError
 from kvtool.io.export import export
 from kvtool.io.tiny import TINY_ARCHS, save_tiny, tiny_model
-from kvtool.merging.compressor import compression
+from kvtool.merging.hook import merge
+from kvtool.merging.methods import METHODS
 from tests.helpers import ids as _ids
 from tests.helpers import plan_for
 
@@ -165,16 +166,16 @@ def test_remote_code_refuses_an_unsupported_transformers(tmp_path, monkeypatch):
         AutoModelForCausalLM.from_pretrained(tmp_path / "exp", trust_remote_code=True)
 
 
-@pytest.mark.parametrize("method", ["kvmerger", "h2o", "streaming"])
+@pytest.mark.parametrize("method", METHODS)
 @torch.no_grad()
-def test_decoding_after_the_compression_block(method):
+def test_decoding_after_the_merge_block(method):
     m = tiny_model("llama")
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     settings = dict(method=method, budget=0.5, protected_layers=[])
     c_in, c_out = DynamicCache(config=m.config), DynamicCache(config=m.config)
-    with compression(m, **settings):
+    with merge(m, **settings):
         m(ids, attention_mask=mask, **cache_kwargs(m, c_in))
         m(ids, attention_mask=mask, **cache_kwargs(m, c_out))
         step, am = torch.tensor([[5], [6]]), torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
@@ -187,7 +188,7 @@ def test_decoding_after_the_compression_block(method):
     assert out.shape == (2, 44)
     # once every compressed cache is gone, the model is restored (no runtime left behind)
     del c_in, c_out, out
-    with compression(m, **settings):
+    with merge(m, **settings):
         pass
     assert not hasattr(m, "_kvtool_state")
 
@@ -199,10 +200,10 @@ def test_a_compressed_cache_without_the_runtime_is_a_clear_error():
     m = tiny_model("llama")
     ids = _ids(1, 40)
     c = DynamicCache(config=m.config)
-    with compression(m, method="h2o", budget=0.5, protected_layers=[]):
+    with merge(m, method="h2o", budget=0.5, protected_layers=[]):
         m(ids, **cache_kwargs(m, c))
     remove_sharing(m)  # the user takes kvtool's runtime off while still holding the compressed cache
-    with pytest.raises(KvtoolError, match="compressed by kvtool.*kvtool.compression"):
+    with pytest.raises(KvtoolError, match="compressed by kvtool.*kvtool.merge"):
         m(torch.tensor([[5]]), **cache_kwargs(m, c))
 
 

@@ -1,12 +1,28 @@
-"""The KVMerger tensor algorithm and the eviction baselines, on hand-built rows."""
+"""The KVMerger tensor algorithm and the eviction methods, on hand-built rows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvtool.merging.eviction import h2o_keep, streaming_keep
-from kvtool.merging.kvmerger import gaussian_merge, merge_head, merge_rows, pair_scores, protected_mask, select_pairs
+from kvtool.merging.methods import H2O, PromptKV, Streaming
+from kvtool.merging.methods.kvmerger import (
+    gaussian_merge,
+    merge_head,
+    merge_rows,
+    pair_scores,
+    protected_mask,
+    select_pairs,
+)
+
+
+def _kept(method, pad, keep, acc=None):
+    """Positions an eviction method keeps of rows with this padding (and accumulated attention ``acc``)."""
+    R, T = pad.shape
+    kv = PromptKV(torch.zeros(R, T, 2), torch.zeros(R, T, 2), pad, torch.zeros(R, 1, T, 2), None, 1.0)
+    if acc is not None:
+        kv._attention[0] = acc
+    return method.reduce(kv, keep).positions
 
 
 def test_identical_keys_merge_to_that_key():
@@ -76,8 +92,8 @@ def test_budget_one_keeps_everything():
 def test_streaming_keeps_sinks_and_recent_and_h2o_keeps_heavy_hitters():
     pad = torch.zeros(1, 20, dtype=torch.bool)
     pad[0, :2] = True
-    assert streaming_keep(pad, 8, sinks=3).tolist() == [[2, 3, 4, 15, 16, 17, 18, 19]]
+    assert _kept(Streaming(sinks=3), pad, 8).tolist() == [[2, 3, 4, 15, 16, 17, 18, 19]]
     acc = torch.zeros(1, 20)
     acc[0, [6, 9, 11]] = torch.tensor([3.0, 2.0, 1.0])
     acc[0, 0] = 99.0  # padding is never kept while real tokens remain
-    assert h2o_keep(acc, pad, 6).tolist() == [[6, 9, 11, 17, 18, 19]]
+    assert _kept(H2O(), pad, 6, acc).tolist() == [[6, 9, 11, 17, 18, 19]]

@@ -12,12 +12,22 @@ from kvtool.compat import cache_kwargs
 from kvtool.crosslayer.kv_check import kv_bytes
 from kvtool.crosslayer.runtime import sharing
 from kvtool.errors import KvtoolError
-from kvtool.formats.merge_settings import METHODS, CompressionSettings
 from kvtool.io.tiny import tiny_model
-from kvtool.merging.attnmerge import attn_merge_rows, window_attention
 from kvtool.merging.compressed_cache import CompressedLayer
-from kvtool.merging.compressor import compression
+from kvtool.merging.hook import merge
+from kvtool.merging.methods import METHODS, AttnMerge, PromptKV, ScoredEviction, make_method, method_from_dict
+from kvtool.merging.rows import window_attention
 from tests.helpers import ALL_LAYERS, ids, left_padded, plan_for
+
+
+def attn_merge_rows(k, v, score, keep, *, pad=None, merge=True, pool=1, min_similarity=0.0, **fields):
+    """attnmerge on rows whose score is given (the window attention stood in by ``score``)."""
+    R, T, D = k.shape
+    pad = torch.zeros(R, T, dtype=torch.bool) if pad is None else pad
+    kv = PromptKV(k, v, pad, torch.zeros(R, 1, T, D), _causal(R, T), 1.0)
+    m = AttnMerge(budget=0.5, pool=pool, min_similarity=min_similarity, **fields).validate()
+    kv._attention[m.window] = score
+    return m.reduce(kv, keep) if merge else ScoredEviction.reduce(m, kv, keep)
 
 
 def _causal(B, T):
@@ -44,7 +54,7 @@ def test_exact_count_sinks_recent_and_best_scored_are_kept():
     k, v = torch.randn(R, T, D), torch.randn(R, T, D)
     score = torch.rand(R, T) * 0.1
     score[:, 10] = 5.0  # a heavy hitter
-    for keep in (20, 13, 9):
+    for keep in (20, 16):  # recent tokens protected: at most a quarter of the kept entries
         r = attn_merge_rows(k, v, score, keep, sinks=2, recent=4)
         assert r.keys.shape == (R, keep, D) and r.values.shape == (R, keep, D) and r.sizes.shape == (R, keep)
         assert torch.all(r.positions[:, 1:] > r.positions[:, :-1])
@@ -59,7 +69,7 @@ def test_eviction_when_nothing_is_similar_enough():
     score = torch.rand(2, 30)
     r = attn_merge_rows(k, v, score, 12, sinks=1, recent=2, min_similarity=1.0)
     assert torch.equal(r.values, v.gather(1, r.positions[..., None].expand(2, 12, 8)))
-    assert torch.equal(r.sizes, torch.ones(2, 12)) and r.merged.tolist() == [0, 0]
+    assert torch.equal(r.sizes, torch.ones(2, 12))
     off = attn_merge_rows(k, v, score, 12, sinks=1, recent=2, merge=False)
     assert torch.equal(off.values, r.values) and torch.equal(off.positions, r.positions)
 
@@ -109,19 +119,17 @@ def test_padding_stays_leading_and_never_merges():
 
 def test_settings_know_the_method_and_check_its_fields():
     assert "attnmerge" in METHODS and "kvmerger" in METHODS
-    s = CompressionSettings.from_dict({"method": "attnmerge", "budget": 0.35, "window": 16, "pool": 1})
+    s = method_from_dict({"method": "attnmerge", "budget": 0.35, "window": 16, "pool": 1})
     assert s.to_dict()["window"] == 16
-    with pytest.raises(KvtoolError):
-        CompressionSettings(method="attnmerge", budget=None).validate()
-    with pytest.raises(KvtoolError):
-        CompressionSettings(method="attnmerge", pool=0).validate()
-    with pytest.raises(KvtoolError):
-        CompressionSettings(method="attnmerge", mix=-1.0).validate()
-    assert CompressionSettings().method == "kvmerger"  # the paper's method stays the default
-    k, a = CompressionSettings(), CompressionSettings(method="attnmerge")
-    assert (k.size_bias, k.protected_layers) == (False, None)  # KVMerger as before
+    for bad in ({"budget": None}, {"pool": 0}, {"mix": -1.0}, {"window": "64"}, {"merge_keys": 1}):
+        with pytest.raises(KvtoolError):
+            make_method("attnmerge", **bad)
+    assert make_method().name == "kvmerger"  # the paper's method stays the default
+    k, a = make_method(), make_method("attnmerge")
+    assert (k.size_bias, k.protected_layers) == (False, None)  # KVMerger: first two and last layer whole
     assert (a.size_bias, a.protected_layers) == (True, [])  # attnmerge's own defaults
-    assert CompressionSettings(method="attnmerge", protected_layers=[0], size_bias=False).protected_layers == [0]
+    assert make_method("attnmerge", protected_layers=[0], size_bias=False).protected_layers == [0]
+    assert not hasattr(make_method("h2o"), "window")  # a method holds only its own settings
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text"])
@@ -132,7 +140,7 @@ def test_composes_with_sharing_at_an_exact_budget(arch, extra):
     m = tiny_model(arch)
     plan = plan_for(m)
     x, mask = left_padded(30, 6)
-    with sharing(m, plan), compression(m, method="attnmerge", budget=0.5, **ALL_LAYERS, **extra):
+    with sharing(m, plan), merge(m, method="attnmerge", budget=0.5, **ALL_LAYERS, **extra):
         out = m.generate(x, attention_mask=mask, max_new_tokens=5, do_sample=False)
         assert out.shape == (2, 35)
         c = DynamicCache(config=m.config)
@@ -153,10 +161,10 @@ def test_budget_one_is_bit_identical_and_half_halves_the_bytes():
     x = ids(t=40)
     c0 = DynamicCache(config=m.config)
     base = m(x, **cache_kwargs(m, c0)).logits
-    with compression(m, method="attnmerge", budget=1.0, size_bias=True, **ALL_LAYERS):
+    with merge(m, method="attnmerge", budget=1.0, size_bias=True, **ALL_LAYERS):
         c1 = DynamicCache(config=m.config)
         assert torch.equal(m(x, **cache_kwargs(m, c1)).logits, base)
-    with compression(m, method="attnmerge", budget=0.5, size_bias=True, **ALL_LAYERS):
+    with merge(m, method="attnmerge", budget=0.5, size_bias=True, **ALL_LAYERS):
         c2 = DynamicCache(config=m.config)
         m(x, **cache_kwargs(m, c2))
         assert kv_bytes(c2) == kv_bytes(c0) // 2

@@ -7,7 +7,6 @@ import torch
 from typer.testing import CliRunner
 
 from kvtool.calibration.calibrate import calibrate
-from kvtool.calibration.merge_thresholds import merge_settings
 from kvtool.cli import app
 from kvtool.crosslayer.runtime import sharing
 from kvtool.errors import KvtoolError
@@ -134,21 +133,6 @@ def test_deterministic_bytes_and_fingerprint_check(llama_stats, tmp_path):
         search(st, model=other, layers=2, order="dissimilar")
 
 
-def test_merge_thresholds_meet_budget(llama_stats):
-    _, st = llama_stats
-    s = merge_settings(st, 0.5, SharingPlan.identity(8))
-    assert s["thresholds"][0] is None and s["thresholds"][1] is None and s["thresholds"][-1] is None
-    from kvtool.formats.stats import sim_fraction_above
-
-    hist = st.tensors["keysim_hist"]
-    for layer in range(2, 7):
-        for h, thr in enumerate(s["thresholds"][layer]):
-            # merging every adjacent pair above the threshold keeps at most the per-layer budget
-            assert 1 - float(sim_fraction_above(hist[layer, h], thr)) <= s["layer_budget"] + 1e-6
-    # model-wide budget: protected layers keep everything, the others their share
-    assert (3 * 1.0 + 5 * s["layer_budget"]) / 8 == pytest.approx(0.5)
-
-
 def test_cli_search_and_compare(tiny_dir, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["calibrate", "--model", str(tiny_dir), "--samples", "4", "--seq-len", "16",
@@ -171,23 +155,3 @@ def test_cli_search_and_compare(tiny_dir, tmp_path):
     assert rows[0]["calib_cosine"] == pytest.approx(1.0, abs=1e-4) and rows[0]["calib_kl"] == pytest.approx(0, abs=1e-5)
     r = runner.invoke(app, ["search", "--stats", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "not a calibration directory" in r.output
-
-
-def test_merge_thresholds_use_the_compressors_share_on_a_mixed_model(tmp_path):
-    """One formula for the per-layer merge share: thresholds are calibrated for exactly the share the compressor
-    keeps (consumers and sliding-window layers store no prompt to merge; protected layers stay whole)."""
-    from kvtool.formats.merge_settings import CompressionSettings, layer_keep
-
-    m = tiny_model("gemma3_text", num_hidden_layers=12)  # layers 2, 5, 8, 11 full attention, the rest sliding
-    st = calibrate(m, tokenizer=tiny_tokenizer(), samples=4, seq_len=16)
-    types = st.meta["layer_types"]
-    plan = SharingPlan.nearest_owner(types, (4, 5))  # 5 (full) reads 2; 4 (sliding) reads 3
-    s = merge_settings(st, 0.5, plan)
-    keep = layer_keep(CompressionSettings(budget=0.5, protected_layers=s["protected_layers"]),
-                      plan.kv_source_layers, types)
-    merged = [i for i, k in enumerate(keep) if k is not None]
-    assert merged == [2, 8]  # 5 is a consumer, 11 is protected (the last layer), every other layer slides
-    assert [i for i, t in enumerate(s["thresholds"]) if t is not None] == merged
-    assert s["layer_budget"] == pytest.approx(keep[2], abs=1e-6) and keep[2] == keep[8]
-    # full-attention owners 2, 8 (merged) and 11 (whole) hold the budget between them
-    assert (keep[2] + keep[8] + 1.0) / 3 == pytest.approx(0.5)

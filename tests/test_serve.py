@@ -13,10 +13,10 @@ from kvtool.errors import KvtoolError
 from kvtool.evaluation.evaluate import evaluate
 from kvtool.evaluation.serve import parse_size
 from kvtool.evaluation.variants import EvalSettings
-from kvtool.formats.merge_settings import CompressionSettings
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
 from kvtool.io.tiny import TINY_ARCHS, tiny_model
+from kvtool.merging.methods import make_method
 from tests.helpers import plan_for
 
 
@@ -28,7 +28,7 @@ def test_parse_size():
 
 def test_serve_fits_the_budget_and_batch_grows_by_the_owners_share(tiny_dir, tmp_path):
     m, tok = kvtool.load(tiny_dir)
-    plan = SharingPlan([0, 1, 1, 3, 3, 5], merge=CompressionSettings(budget=0.5, protected_layers=[]).to_dict())
+    plan = SharingPlan([0, 1, 1, 3, 3, 5], merge=make_method(budget=0.5, protected_layers=[]).to_dict())
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")  # 4 of 6 layers own KV
     per_seq = 6 * (48 + 8) * entry_bytes(m)  # base: 6 layers x (48 prompt + 8 new) entries
     budget = 10 * per_seq + 123
@@ -63,7 +63,7 @@ def test_static_cache_allocates_nothing_for_consumers(arch):
     assert [g == 0 for g in got] == [j in plan.consumers for j in range(len(got))]
     assert all(g > 0 for j, g in enumerate(got) if j not in plan.consumers)
     # merged prompts need a dynamic cache: asking for both is a clear error, not a silent fallback
-    kvtool.apply_compression(m, CompressionSettings(budget=0.5, protected_layers=[]))
+    kvtool.apply_merge(m, make_method(budget=0.5, protected_layers=[]))
     with pytest.raises(KvtoolError, match="DynamicCache"):
         m.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
 

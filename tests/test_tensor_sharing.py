@@ -18,7 +18,7 @@ from kvtool.formats.cache_size import kv_units
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
 from kvtool.io.tiny import TINY_ARCHS, save_tiny, tiny_model
-from kvtool.merging.compressor import compression
+from kvtool.merging.hook import merge
 from tests.helpers import ids as _ids
 from tests.helpers import tensor_plan_for
 
@@ -143,7 +143,7 @@ def test_merging_composes_with_tensor_plans(arch):
     ids = _ids(1, 40)
     unmerged = check_kv_in_effect(m, 40)
     for method in ("kvmerger", "h2o"):
-        with compression(m, method=method, budget=0.7, protected_layers=[]):
+        with merge(m, method=method, budget=0.7, protected_layers=[]):
             share = check_kv_in_effect(m, 40)  # every layer's bytes checked against the plan and the budget
             out = m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         assert share < unmerged and out.shape[1] == 44

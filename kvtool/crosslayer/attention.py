@@ -12,10 +12,10 @@ without kvtool installed.
 - Keys and values may come from different layers: a layer that owns only its keys (or only its values) projects and
   caches just that tensor (its slot stores a zero-width stand-in for the other) and reads the other from its source.
 The store is filled and emptied within one forward, so sharing holds with and without a cache.
-An optional ``compressor`` hook (set by ``kvtool.compression``; exports run without it) compresses an owner's
+An optional ``merge_hook`` (set by ``kvtool.merge``; exports run without it) merges an owner's
 prompt KV after its prefill attention. A compressed cache layer carries its own entry map
 (``kvtool_attention_mask``), which maps the attention mask over positions onto its stored entries, so a compressed
-cache keeps decoding correctly after the compression hook is gone.
+cache keeps decoding correctly after the merge hook is gone.
 The runtime checks transformers' internals when it installs (``check_internals``) and refuses a cache handed over
 under a keyword it does not know, so a renamed argument fails loudly instead of silently running without a cache.
 """
@@ -62,7 +62,7 @@ class SharingState:
     last_reader: dict[tuple[str, int], int]  # ("k"|"v", source layer) -> the last layer that reads it (and pops it)
     store: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # ("k"|"v", owner) -> tensor
     observer: object = None  # optional callable(layer, q, k, v)
-    compressor: object = None  # optional prompt-KV compression hook (kvtool.merging.compressor.Compressor)
+    merge_hook: object = None  # optional prompt-KV merge hook (kvtool.merging.hook.MergeHook)
     plan: object = None  # the plan this state was installed from (kvtool's SharingPlan), when there is one
     had_modes: bool = False
     old_modes: object = None
@@ -224,8 +224,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         q = rope_q(q, cos, sin)
     if own_k or own_v:
         if cache is not None:
-            if st.compressor is not None and own_k and own_v:
-                st.compressor.prepare(cache, idx)
+            if st.merge_hook is not None and own_k and own_v:
+                st.merge_hook.prepare(cache, idx)
             # a layer that owns one tensor stores a zero-width stand-in for the other: the cache stays well formed
             # (every layer type counts its length along the sequence axis) and holds no bytes for what it lacks
             ku = k if own_k else v.new_empty(*v.shape[:-1], 0)
@@ -256,8 +256,8 @@ def attention_forward(self, hidden_states, position_embeddings=None, attention_m
         extra["softcap"] = self.attn_logit_softcapping
     out, weights = interface(self, q, k, v, mask, dropout=0.0 if not self.training else self.attention_dropout,
                              scaling=self.scaling, **extra, **kwargs)
-    if st.compressor is not None and cache is not None and own_k and own_v:
-        st.compressor.after(self, idx, q, attention_mask, cache)
+    if st.merge_hook is not None and cache is not None and own_k and own_v:
+        st.merge_hook.after(self, idx, q, attention_mask, cache)
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return self.o_proj(out), weights
 

@@ -1,7 +1,7 @@
-"""Measure the KV cache a model really holds, and check it is the one its sharing map (and compression) implies.
+"""Measure the KV cache a model really holds, and check it is the one its sharing map (and merging) implies.
 
 Every KV figure kvtool reports goes through ``prefill_kv_bytes`` (or is compared with ``cache_size``'s count):
-each layer's stored bytes must equal what the model's active map and compression setting imply, or the measurement
+each layer's stored bytes must equal what the model's active map and merge method imply, or the measurement
 is refused. A runtime that silently stopped sharing (or stopped caching) fails here with one line instead of
 producing a report that looks fine.
 """
@@ -16,7 +16,7 @@ from kvtool.crosslayer.archs import kv_dims, layer_types
 from kvtool.crosslayer.runtime import sharing_state
 from kvtool.errors import KvtoolError
 from kvtool.formats.cache_size import kv_units
-from kvtool.formats.merge_settings import CompressionSettings, layer_keep
+from kvtool.formats.merge_settings import MergeBase, layer_counts
 from kvtool.formats.plan import SharingPlan
 
 
@@ -32,16 +32,17 @@ def kv_bytes(cache) -> int:
 
 
 def expected_units(model: nn.Module, prompt: int, new: int = 0) -> list[int | None]:
-    """Per layer, the key entries plus value entries that the model's active sharing map and compression imply
+    """Per layer, the key entries plus value entries that the model's active sharing map and merging imply
     (``cache_size.kv_units``; the unshared model when none is active)."""
     cfg = model.config
     st = sharing_state(model)
     L = cfg.num_hidden_layers
     k, v = (st.k_sources, st.v_sources) if st is not None else (list(range(L)), list(range(L)))
-    comp = st.compressor if st is not None else None
-    return kv_units(k, v, layer_types(cfg), getattr(cfg, "sliding_window", None), prompt, new,
-                    keep=None if comp is None else comp.keep,
-                    threshold_mode=comp is not None and comp.settings.budget is None)
+    merge = getattr(st.merge_hook, "method", None) if st is not None else None
+    types = layer_types(cfg)
+    kept = None if merge is None else layer_counts(merge, st.kv_source_layers, types, prompt, k, v)
+    return kv_units(k, v, types, getattr(cfg, "sliding_window", None), prompt, new, kept,
+                    threshold_mode=merge is not None and merge.budget is None)
 
 
 def base_units(model: nn.Module, prompt: int, new: int = 0) -> list[int]:
@@ -63,22 +64,22 @@ def entry_bytes(model: nn.Module, batch: int = 1) -> int:
     return 2 * unit_bytes(model, batch)
 
 
-def implied_bytes(model: nn.Module, plan: SharingPlan | None, merge: CompressionSettings | None, batch: int,
+def implied_bytes(model: nn.Module, plan: SharingPlan | None, merge: MergeBase | None, batch: int,
                   prompt: int, new: int = 0) -> int | None:
-    """KV bytes a map (None: the unshared model) and a merge setting imply for ``batch`` sequences of ``prompt``
-    tokens plus ``new`` decoded ones (None when KVMerger runs by threshold alone: data-dependent)."""
+    """KV bytes a map (None: the unshared model) and a merge method imply for ``batch`` sequences of ``prompt``
+    tokens plus ``new`` decoded ones (None when a method runs without a budget: data-dependent)."""
     cfg = model.config
     types = layer_types(cfg)
     plan = plan or SharingPlan.identity(cfg.num_hidden_layers)
-    keep = None if merge is None else layer_keep(merge, plan.kv_source_layers, types, plan.k_source_layers,
-                                                 plan.v_source_layers)
-    units = kv_units(plan.k_sources, plan.v_sources, types, getattr(cfg, "sliding_window", None), prompt, new, keep,
+    kept = None if merge is None else layer_counts(merge, plan.kv_source_layers, types, prompt, plan.k_source_layers,
+                                                   plan.v_source_layers)
+    units = kv_units(plan.k_sources, plan.v_sources, types, getattr(cfg, "sliding_window", None), prompt, new, kept,
                      threshold_mode=merge is not None and merge.budget is None)
     return None if None in units else sum(units) * unit_bytes(model, batch)
 
 
 def check_layer_bytes(model: nn.Module, got: list[int], prompt: int, new: int = 0, batch: int = 1) -> None:
-    """Raise ``KvtoolError`` unless each layer holds exactly the bytes the active map and compression imply."""
+    """Raise ``KvtoolError`` unless each layer holds exactly the bytes the active map and merging imply."""
     L = model.config.num_hidden_layers
     got = list(got) + [0] * (L - len(got))
     per = unit_bytes(model, batch)
@@ -102,7 +103,7 @@ def check_layer_bytes(model: nn.Module, got: list[int], prompt: int, new: int = 
 @torch.no_grad()
 def prefill_kv_bytes(model: nn.Module, ids: torch.Tensor) -> int:
     """KV bytes a fresh ``DynamicCache`` holds after one prefill of ``ids``, checked layer by layer against what the
-    model's sharing map and compression imply."""
+    model's sharing map and merging imply."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)

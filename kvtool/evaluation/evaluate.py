@@ -20,16 +20,16 @@ from kvtool.evaluation.engine import engine_eval
 from kvtool.evaluation.generations import generations
 from kvtool.evaluation.lm_eval import require_lm_eval, run_lm_eval
 from kvtool.evaluation.memory_speed import memory_speed
-from kvtool.evaluation.merge_task import compare_compression
+from kvtool.evaluation.merge_task import compare_merging
 from kvtool.evaluation.passkey import passkey
 from kvtool.evaluation.quality import quality
 from kvtool.evaluation.serve import serve
 from kvtool.evaluation.variants import DEFAULT_TASKS, TASKS, EvalSettings, Variants, load_variants
-from kvtool.formats.merge_settings import METHODS, CompressionSettings
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.sidecar import update_sidecar
 from kvtool.formats.stats import CalibrationStats
 from kvtool.io.vllm_env import vllm_python as find_vllm_python
+from kvtool.merging.methods import make_method, method_from_dict
 from kvtool.plots import distance_heatmap
 from kvtool.progress import Log, silent
 from kvtool.versions import versions
@@ -103,19 +103,19 @@ def evaluate(
             f"{s.speed_repeats} runs each, fresh processes)")
         T.update(memory_speed(v, s, tasks))
     if "merge" in tasks:
-        plan_merge = CompressionSettings.from_dict(v.plan.merge) if v.plan.merge else None
+        plan_merge = method_from_dict(v.plan.merge) if v.plan.merge else None
         budgets = list(merge_budgets or ([plan_merge.budget] if plan_merge and plan_merge.budget else []))
         if budgets:
             say(f"KV merging vs eviction at budget {', '.join(map(str, budgets))} "
                 f"(passkey at {s.merge_passkey_length}, long-context perplexity)")
-            T["merge"] = compare_compression(
-                v, budgets, tuple(merge_methods or METHODS), passkey_length=s.merge_passkey_length,
+            T["merge"] = compare_merging(
+                v, budgets, merge_methods, passkey_length=s.merge_passkey_length,
                 passkey_depths=s.merge_passkey_depths, ppl_samples=s.merge_ppl_samples,
-                ppl_context=s.merge_ppl_context, ppl_new=s.merge_ppl_new, data=data, base_settings=plan_merge,
+                ppl_context=s.merge_ppl_context, ppl_new=s.merge_ppl_new, data=data, plan_merge=plan_merge,
                 log=say)
     if "serve" in tasks:
-        plan_merge = CompressionSettings.from_dict(v.plan.merge) if v.plan.merge else None
-        merge = plan_merge or (CompressionSettings(budget=merge_budgets[0]) if merge_budgets else None)
+        plan_merge = method_from_dict(v.plan.merge) if v.plan.merge else None
+        merge = plan_merge or (make_method(budget=merge_budgets[0]) if merge_budgets else None)
         say(f"throughput within {s.serve_kv_budget / 2**20:.0f} MiB of KV cache ({s.serve_prompt} prompt + "
             f"{s.serve_new} new tokens, {s.serve_repeats} runs each, fresh processes)")
         T["serve"] = serve(v, s.serve_kv_budget, prompt=s.serve_prompt, new=s.serve_new, repeats=s.serve_repeats,

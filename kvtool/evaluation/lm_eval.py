@@ -130,7 +130,7 @@ def _max_length(model: nn.Module) -> int:
 @contextlib.contextmanager
 def _kv_checked(model: nn.Module, plan: SharingPlan | None, which: str) -> Iterator[None]:
     """Check that ``model`` runs ``plan``'s map (None: no sharing), and the cache of every forward the harness makes
-    against it, layer by layer (skipped under prompt compression, whose counts depend on the prompt/decode split)."""
+    against it, layer by layer (skipped under prompt-KV merging, whose counts depend on the prompt/decode split)."""
     L = model.config.num_hidden_layers
     active = active_plan(model)
     ident = SharingPlan.identity(L)
@@ -144,7 +144,7 @@ def _kv_checked(model: nn.Module, plan: SharingPlan | None, which: str) -> Itera
         st = sharing_state(model)
         ids = kwargs.get("input_ids", args[0] if args else None)
         mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        if cache is None or not hasattr(cache, "layers") or ids is None or (st and st.compressor is not None):
+        if cache is None or not hasattr(cache, "layers") or ids is None or (st and st.merge_hook is not None):
             return
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:  # a 2-D mask spans every token seen (padding too)
             seen = mask.shape[1]

@@ -12,8 +12,8 @@ from typing import Any
 from kvtool.crosslayer.kv_check import implied_bytes
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.variants import EvalSettings, Variants
-from kvtool.formats.merge_settings import CompressionSettings
 from kvtool.io.devices import model_device
+from kvtool.merging.methods import method_from_dict
 
 
 def probe(args: list[str], batch: int, prompt: int, new: int) -> dict:
@@ -51,7 +51,7 @@ def implied_kv_bytes(v: Variants, s: EvalSettings, which: str) -> tuple[int, int
     """KV bytes after the probe's prefill and after its decode, as the plan (and its merge setting, which the probe's
     ``kvtool.load`` turns on) implies them for ``which`` variant."""
     plan = None if which == "base" else v.plan
-    merge = CompressionSettings.from_dict(v.plan.merge) if which == "shared" and v.plan.merge else None
+    merge = method_from_dict(v.plan.merge) if which == "shared" and v.plan.merge else None
     out = [implied_bytes(v.base, plan, merge, s.speed_batch, s.speed_prompt, new) for new in (0, s.speed_new)]
     return None if None in out else (out[0], out[1])
 

@@ -1,6 +1,6 @@
-"""``kvtool eval --merge-budget``: KVMerger and attnmerge against H2O and StreamingLLM eviction at the same budgets,
-on the base model and on the shared one, in one harness: KV bytes after prefill, passkey retrieval on long prompts, and
-perplexity of a continuation read over a compressed long context.
+"""``kvtool eval --merge-budget``: the merge methods (KVMerger and attnmerge against H2O and StreamingLLM eviction)
+at the same budgets, on the base model and on the shared one, in one harness: KV bytes after prefill, passkey
+retrieval on long prompts, and perplexity of a continuation read over a merged long context.
 """
 
 from __future__ import annotations
@@ -19,17 +19,17 @@ from kvtool.data.texts import heldout_chunks
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.passkey import passkey_accuracy
 from kvtool.evaluation.variants import Variants
-from kvtool.formats.merge_settings import METHODS, CompressionSettings
 from kvtool.io.devices import model_device
-from kvtool.merging.compressor import compression
+from kvtool.merging.hook import merge
+from kvtool.merging.methods import METHODS, MergeMethod, make_method, method_names
 from kvtool.metrics import nll_sum
 from kvtool.progress import Log
 
 
 @torch.no_grad()
 def long_context_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int]:
-    """Summed NLL of ``ids[:, context:]`` read after a prefill of ``ids[:, :context]`` (compressed when compression
-    is on), in one continuation forward; returns (nll, predicted tokens)."""
+    """Summed NLL of ``ids[:, context:]`` read after a prefill of ``ids[:, :context]`` (merged when merging is on),
+    in one continuation forward; returns (nll, predicted tokens)."""
     ids = ids.to(model_device(model))
     cache = DynamicCache(config=model.config)
     first = model(ids[:, :context], use_cache=True, logits_to_keep=1, **cache_kwargs(model, cache)).logits[:, -1:]
@@ -37,12 +37,12 @@ def long_context_nll(model, ids: torch.Tensor, context: int) -> tuple[float, int
     return nll_sum(torch.cat([first, rest], dim=1), ids[:, context:])
 
 
-def measure(model, tok, settings: CompressionSettings | None, cases, long_ids: torch.Tensor,
+def measure(model, tok, method: MergeMethod | None, cases, long_ids: torch.Tensor,
             context: int) -> tuple[int, float, float]:
-    """The merge task's three numbers under ``settings`` (None: uncompressed): KV bytes after the prefill of the
+    """The merge task's three numbers under ``method`` (None: no merging): KV bytes after the prefill of the
     middle passkey case, passkey accuracy over ``cases``, and the perplexity of each ``long_ids`` row after
-    ``context`` tokens compressed at prefill."""
-    with compression(model, settings) if settings is not None else contextlib.nullcontext():
+    ``context`` tokens merged at prefill."""
+    with merge(model, method) if method is not None else contextlib.nullcontext():
         kv = prefill_kv_bytes(model, cases[len(cases) // 2].input_ids)
         acc = passkey_accuracy(model, tok, cases)
         nll, n = 0.0, 0
@@ -52,35 +52,42 @@ def measure(model, tok, settings: CompressionSettings | None, cases, long_ids: t
     return kv, acc, float(torch.tensor(nll / n).exp())
 
 
-def compare_compression(v: Variants, budgets: list[float], methods: tuple[str, ...] = METHODS, *,
-                        passkey_length: int = 2048, passkey_depths: tuple[float, ...] = MERGE_PASSKEY_DEPTHS,
-                        ppl_samples: int = 4, ppl_context: int = 1536, ppl_new: int = 512, data: str | None = None,
-                        base_settings: CompressionSettings | None = None, log: Log | None = None) -> dict[str, Any]:
-    """One row per (variant, method, budget), plus each variant uncompressed; ratios are against the base model's
-    uncompressed cache."""
+def compare_merging(v: Variants, budgets: list[float], methods: tuple[str, ...] | None = None, *,
+                    passkey_length: int = 2048, passkey_depths: tuple[float, ...] = MERGE_PASSKEY_DEPTHS,
+                    ppl_samples: int = 4, ppl_context: int = 1536, ppl_new: int = 512, data: str | None = None,
+                    plan_merge: MergeMethod | None = None, log: Log | None = None) -> dict[str, Any]:
+    """One row per (variant, method, budget), plus each variant without merging; ratios are against the base
+    model's full cache. Each method runs with its own defaults (and the plan's protected layers when the plan names
+    them), except the plan's method at the plan's budget, which runs with the plan's settings (its calibrated layer
+    budgets included)."""
+    methods = tuple(methods or METHODS)
     bad = [m for m in methods if m not in METHODS]
     if bad:
-        raise KvtoolError(f"unknown merge method(s) {', '.join(bad)}; use {', '.join(METHODS)}")
+        raise KvtoolError(f"unknown merge method(s) {', '.join(bad)}; use {method_names()}")
     say = log or (lambda msg: None)
     tok = v.tokenizer
     cases = build_cases(tok, (passkey_length,), passkey_depths, seed=7)
     long_ids = heldout_chunks(tok, ppl_samples, ppl_context + ppl_new, data).input_ids
-    template = base_settings or CompressionSettings()
     rows: list[dict[str, Any]] = []
     base_bytes = None
     for which in ("base", "shared"):
         with v.use(which) as m:
             for method, budget in [("none", None), *[(mt, b) for b in budgets for mt in methods]]:
                 t0 = time.time()
-                own = {} if method != "attnmerge" or template.method == "attnmerge" else {
-                    "size_bias": None, "protected_layers": None}  # attnmerge's own defaults, not KVMerger's
-                settings = None if method == "none" else CompressionSettings(
-                    **{**template.to_dict(), "method": method, "budget": budget,
-                       "thresholds": template.thresholds if method == "kvmerger" else None, **own})
-                kv, acc, ppl = measure(m, tok, settings, cases, long_ids, ppl_context)
+                if method == "none":
+                    chosen = None
+                elif plan_merge is not None and plan_merge.name == method and plan_merge.budget == budget:
+                    chosen = plan_merge
+                else:  # the method's own defaults, and the plan's protected layers when it names them
+                    shared = {} if plan_merge is None or plan_merge.protected_layers is None else {
+                        "protected_layers": plan_merge.protected_layers}
+                    chosen = make_method(method, budget=budget, **shared)
+                kv, acc, ppl = measure(m, tok, chosen, cases, long_ids, ppl_context)
                 if base_bytes is None:
                     base_bytes = kv
-                row = {"variant": which, "method": method, "budget": budget, "kv_bytes_prefill": kv,
+                row = {"variant": which, "method": method, "budget": budget,
+                       "layer_budgets": "calibrated" if chosen is not None and chosen.layer_budgets else "even",
+                       "kv_bytes_prefill": kv,
                        "kv_ratio": kv / base_bytes, "passkey": acc, "ppl": ppl,
                        "seconds": round(time.time() - t0, 1)}
                 rows.append(row)

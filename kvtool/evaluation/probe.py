@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--device")
     ap.add_argument("--dtype")
-    ap.add_argument("--merge", help="prompt compression: a JSON object of CompressionSettings, or 'off'")
+    ap.add_argument("--merge", help="prompt-KV merging: a merge method's JSON (MergeMethod.to_dict()), or 'off'")
     a = ap.parse_args()
     torch.manual_seed(0)
     merge = None if a.merge is None else False if a.merge == "off" else json.loads(a.merge)

@@ -8,6 +8,7 @@ alternating, repeated. The runs at the largest batch confirm that the measured c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import statistics
@@ -17,8 +18,8 @@ from kvtool.crosslayer.kv_check import implied_bytes
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.memory_speed import probe
 from kvtool.evaluation.variants import Variants
-from kvtool.formats.merge_settings import CompressionSettings
 from kvtool.io.devices import model_device
+from kvtool.merging.methods import MergeMethod
 from kvtool.progress import Log, silent
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
@@ -36,7 +37,7 @@ def parse_size(text: str | int) -> int:
 
 
 def serve(v: Variants, kv_budget: int, *, prompt: int = 512, new: int = 64, repeats: int = 3,
-          merge: CompressionSettings | None = None, log: Log | None = None) -> dict[str, Any]:
+          merge: MergeMethod | None = None, log: Log | None = None) -> dict[str, Any]:
     """The ``serve`` entry of an eval report: per variant its KV bytes per sequence, largest batch within
     ``kv_budget`` bytes, the KV measured at that batch, and generated tokens/s there (median of ``repeats``)."""
     say = log or silent
@@ -44,9 +45,10 @@ def serve(v: Variants, kv_budget: int, *, prompt: int = 512, new: int = 64, repe
     variants = [("base", v.base_args, None, None),
                 ("shared", [*v.shared_args, "--merge", "off"], v.plan, None)]
     if merge is not None:
-        arg = ["--merge", json.dumps(merge.to_dict())]
-        variants += [("base+merge", [*v.base_args, *arg], None, merge),
-                     ("shared+merge", [*v.shared_args, *arg], v.plan, merge)]
+        # the base model has its own layers to merge: layer budgets calibrated for the shared map do not apply
+        plain = dataclasses.replace(merge, layer_budgets=None)
+        variants += [("base+merge", [*v.base_args, "--merge", json.dumps(plain.to_dict())], None, plain),
+                     ("shared+merge", [*v.shared_args, "--merge", json.dumps(merge.to_dict())], v.plan, merge)]
     rows: dict[str, dict[str, Any]] = {}
     for name, args, plan, mg in variants:
         want = implied_bytes(v.base, plan, mg, 1, prompt, new)

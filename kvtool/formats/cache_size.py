@@ -1,9 +1,9 @@
-"""The KV-cache size a sharing map (and a prompt-compression setting) implies, counted in stored entries per layer.
+"""The KV-cache size a sharing map (and a prompt-KV merge) implies, counted in stored entries per layer.
 
 Pure arithmetic, no torch: every KV figure kvtool reports is checked against it. A layer stores one entry per token
 it has seen, except that a consumer stores nothing, a sliding-window layer keeps at most ``window - 1`` entries
-(transformers' ``DynamicSlidingWindowLayer``), and a compressed owner keeps ``max(1, floor(keep × T))`` entries of a
-``T``-token prompt (when that is fewer than ``T``) plus one per decoded token.
+(transformers' ``DynamicSlidingWindowLayer``), and a merged owner keeps its ``merge_settings.layer_counts`` entries
+of a ``T``-token prompt plus one per decoded token.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import math
 
 
 def stored_entries(kv_source_layers: list[int], layer_types: list[str] | None, sliding_window: int | None,
-                   prompt: int, new: int = 0, keep: list[float | None] | None = None,
+                   prompt: int, new: int = 0, kept: list[int | None] | None = None,
                    threshold_mode: bool = False) -> list[int | None]:
-    """Entries each layer holds after a ``prompt``-token prefill and ``new`` one-token decode steps. ``keep``: per
-    layer, the kept share of a compressed owner's prompt (None: not compressed). In ``threshold_mode`` a compressed
-    layer's count depends on the data and is None."""
+    """Entries each layer holds after a ``prompt``-token prefill and ``new`` one-token decode steps. ``kept``: per
+    layer, the prompt entries a merged owner keeps (``merge_settings.layer_counts``; None: stays whole). In
+    ``threshold_mode`` a merged layer's count depends on the data and is None."""
     L = len(kv_source_layers)
     types = layer_types or ["full_attention"] * L
     out: list[int | None] = []
@@ -25,30 +25,22 @@ def stored_entries(kv_source_layers: list[int], layer_types: list[str] | None, s
             out.append(0)
         elif types[i] == "sliding_attention" and sliding_window:
             out.append(min(prompt + new, sliding_window - 1))
-        elif keep is None or keep[i] is None or prompt < 2:
+        elif kept is None or kept[i] is None or prompt < 2:
             out.append(prompt + new)
         elif threshold_mode:
             out.append(None)
         else:
-            n = max(1, math.floor(keep[i] * prompt))
-            out.append((n if n < prompt else prompt) + new)
+            out.append(min(kept[i], prompt) + new)
     return out
 
 
-def entry_ratio(entries: list[int | None], base: list[int | None]) -> float | None:
-    """Share of the base's entries (None when a count is data-dependent)."""
-    if any(e is None for e in entries) or any(b is None for b in base):
-        return None
-    return sum(entries) / sum(base)
-
-
 def kv_units(k_source_layers: list[int], v_source_layers: list[int], layer_types: list[str] | None,
-             sliding_window: int | None, prompt: int, new: int = 0, keep: list[float | None] | None = None,
+             sliding_window: int | None, prompt: int, new: int = 0, kept: list[int | None] | None = None,
              threshold_mode: bool = False) -> list[int | None]:
     """Per layer, its stored key entries plus its stored value entries (a layer that owns only one of the two
     counts it alone): the cache's bytes in units of one token's keys (or values) of every KV head."""
-    ek = stored_entries(k_source_layers, layer_types, sliding_window, prompt, new, keep, threshold_mode)
-    ev = stored_entries(v_source_layers, layer_types, sliding_window, prompt, new, keep, threshold_mode)
+    ek = stored_entries(k_source_layers, layer_types, sliding_window, prompt, new, kept, threshold_mode)
+    ev = stored_entries(v_source_layers, layer_types, sliding_window, prompt, new, kept, threshold_mode)
     return [None if a is None or b is None else a + b for a, b in zip(ek, ev, strict=True)]
 
 

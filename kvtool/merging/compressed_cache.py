@@ -6,7 +6,7 @@ leading and the same count in each head of a batch row (``pad_entries``), and ``
 mask columns for the compressed entries from that. ``get_seq_length`` counts positions seen, not entries stored,
 so position ids, RoPE and the mask sizes transformers derives from it stay those of the uncompressed sequence.
 The layer carries everything its mask needs (``prompt_len``, ``pad_entries``, ``log_sizes``), so the sharing
-runtime's attention forward remaps the mask from it (``kvtool_attention_mask``) whether or not compression is still
+runtime's attention forward remaps the mask from it (``kvtool_attention_mask``) whether or not merging is still
 on. A forward that would not remap it (transformers' own, once kvtool's runtime is removed) is refused in
 ``update`` with a clear error instead of failing on a mask of the wrong size.
 """
@@ -37,8 +37,8 @@ class CompressedLayer(DynamicLayer):
                **kwargs):
         if self.compressed and not kvtool_runtime:
             raise KvtoolError("this KV cache holds a prompt compressed by kvtool, and the model no longer runs "
-                              "kvtool's attention: decode it inside `kvtool.compression(...)` or after "
-                              "`kvtool.apply_compression(model, ...)`")
+                              "kvtool's attention: decode it inside `kvtool.merge(...)` or after "
+                              "`kvtool.apply_merge(model, ...)`")
         out = super().update(key_states, value_states, *args, **kwargs)
         self.seen += key_states.shape[-2]
         return out

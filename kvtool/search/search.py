@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from kvtool.atomic import check_writable_file
-from kvtool.calibration.merge_thresholds import merge_settings
+from kvtool.calibration.merge_budgets import merge_settings
 from kvtool.errors import KvtoolError
 from kvtool.formats.cache_size import tensor_units, units_to_remove
 from kvtool.formats.plan import SharingPlan
@@ -251,7 +251,7 @@ def search(
             if warn:
                 warn(msg)
     if s.merge_budget is not None:
-        result.plan.merge = merge_settings(st, s.merge_budget, result.plan)
+        result.plan.merge = merge_settings(st, s.merge_budget, result.plan, s.merge_method, s.merge_allocation)
     result.seconds = time.time() - t0
     if out is not None:
         result.plan.save(out, force=force)
