@@ -1,4 +1,4 @@
-"""kvtool's prompt-KV compression methods beside NVIDIA kvpress's presses, on identical inputs and the same weights.
+"""kvtool's prompt-KV merge methods beside NVIDIA kvpress's presses, on identical inputs and the same weights.
 
 kvpress 0.5.5 pins transformers < 5.3, so it runs in its own environment (``.venv-kvpress/`` in the repository root
 unless ``--kvpress-venv`` names another; created here when missing: torch 2.13.0 first, then kvpress 0.5.5 with
@@ -10,7 +10,8 @@ passkey@2048, long-context perplexity; then the checks (the two "none" rows agre
 next to kvpress's StreamingLLM and ObservedAttention).
 
     python bench/vs_kvpress.py [--budgets 0.5,0.35] [--inputs eval|tune] [--methods ...] [--presses ...]
-                               [--variant NAME=JSON ...] [--kvpress-venv DIR] [--no-kvpress] [--threads 1]
+                               [--variant NAME=JSON ...] [--stats CALIB [--calibrated kvmerger,...]]
+                               [--kvpress-venv DIR] [--no-kvpress] [--threads 1]
                                [--kvpress-cache DIR [--partial]] [--json out.json]
 
 Inputs (``--inputs eval``, the merge task's): 10 passkey prompts of 2048 tokens (``build_cases(tok, (2048,),
@@ -22,8 +23,10 @@ Budgets mean the same total: the share of the prompt KV kept after prefill. kvpr
 KVMerger, H2O and StreamingLLM keep layers 0, 1 and L-1 whole and squeeze the others so the total meets it, and
 attnmerge compresses every layer alike. The fair rows (``FAIR``, on unless ``--no-fair``) run kvtool's H2O and
 StreamingLLM with ``protected_layers: []`` too. The KV bytes column shows the totals are equal to within the
-rounding of each layer's count. ``--variant NAME=JSON`` adds kvtool rows with other ``CompressionSettings`` fields
-(e.g. ``'am_w32={"method": "attnmerge", "window": 32}'``), at every budget.
+rounding of each layer's count. ``--variant NAME=JSON`` adds kvtool rows with other settings of a method
+(e.g. ``'am_w32={"method": "attnmerge", "window": 32}'``), at every budget. ``--stats CALIB`` (a ``kvtool calibrate``
+directory of the same model) adds a row per ``--calibrated`` method and budget with the per-layer budgets
+``search --merge-budget`` calibrates from the keys' similarity (``NAME_cal``), beside the even split.
 
 A full run is about 30 rows of ~2 minutes each on one core; ``--kvpress-cache DIR`` keeps both halves' results
 (kvpress's ``out.json``, written after every row, and kvtool's rows keyed by their resolved settings) so a rerun on
@@ -52,14 +55,15 @@ PRESS_NAMES = {"none": "none", "streaming": "StreamingLLM", "observed_attention"
                "keydiff": "KeyDiff", "merging_tova": "Merging(TOVA)"}
 METHOD_NAMES = {"none": "none", "kvmerger": "KVMerger", "h2o": "H2O", "streaming": "StreamingLLM",
                 "attnmerge": "attnmerge", "h2o_all": "H2O, all layers", "streaming_all": "StreamingLLM, all layers",
-                "attnmerge_evict": "attnmerge, no merging (min_similarity 1)"}
+                "attnmerge_evict": "attnmerge, no merging (min_similarity 1)", "kvmerger_cal": "KVMerger, calibrated",
+                "h2o_cal": "H2O, calibrated", "attnmerge_cal": "attnmerge, calibrated",
+                "streaming_cal": "StreamingLLM, calibrated"}
 # the fair rows: kvtool's methods with every layer compressed alike, as kvpress does (kvtool protects 0, 1 and L-1)
 FAIR = {"streaming_all": {"method": "streaming", "protected_layers": []},
         "h2o_all": {"method": "h2o", "protected_layers": []}}
 # kvtool rows compared with the reference implementation of the same method: (kvtool row, kvpress row)
 SAME_METHOD = (("streaming_all", "streaming"), ("streaming", "streaming"), ("h2o_all", "observed_attention"),
                ("h2o", "observed_attention"))
-ATTNMERGE_ONLY = ("window", "pool", "min_similarity", "merge_keys", "recent_share", "mix")
 TUNE_SEED = 11
 TUNE_DEPTHS = (0.1, 0.25, 0.4, 0.6, 0.75, 0.9)
 PASSKEY_LENGTH, PPL_SAMPLES, PPL_CONTEXT, PPL_NEW = 2048, 4, 1536, 512
@@ -99,26 +103,21 @@ def build_inputs(tok, which: str) -> tuple[list[Any], Any]:
 
 
 def row_key(name: str, fields: dict[str, Any] | None) -> str:
-    """A kvtool row's cache key: its name and resolved settings, less the fields its method does not read."""
-    from kvtool.formats.merge_settings import CompressionSettings
+    """A kvtool row's cache key: its name and resolved settings (the method's own fields only)."""
+    from kvtool.merging.methods import method_from_dict
 
-    if fields is None:
-        return json.dumps([name, None])
-    d = CompressionSettings(**fields).to_dict()
-    if d["method"] != "attnmerge":
-        d = {k: v for k, v in d.items() if k not in ATTNMERGE_ONLY}
-    return json.dumps([name, d], sort_keys=True)
+    return json.dumps([name, None if fields is None else method_from_dict(fields).to_dict()], sort_keys=True)
 
 
 def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any] | None]], log=print,
                 cache: Path | None = None, cached_only: bool = False) -> list[dict[str, Any]]:
-    """One row per (name, CompressionSettings fields or None for no compression), in merge_task's harness. With
+    """One row per (name, a method's fields with "method", or None for no merging), in merge_task's harness. With
     ``cache`` (a JSON file), rows measured before on the same inputs with the same resolved settings are reused and
     every new row is added to it; ``cached_only`` measures nothing and leaves the rest out."""
     import hashlib
 
     from kvtool.evaluation.merge_task import measure
-    from kvtool.formats.merge_settings import CompressionSettings
+    from kvtool.merging.methods import make_method
 
     h = hashlib.sha256()
     for t in [c.input_ids for c in cases] + [long_ids]:
@@ -132,7 +131,7 @@ def kvtool_rows(model, tok, cases, long_ids, runs: list[tuple[str, dict[str, Any
     rows = []
     for name, fields in runs:
         t0 = time.perf_counter()
-        settings = None if fields is None else CompressionSettings(**fields)
+        settings = None if fields is None else make_method(**fields)
         key = row_key(name, None if settings is None else settings.to_dict())
         if key in stored:
             rows.append(stored[key])
@@ -190,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="kvtool methods (default: all of kvtool's METHODS)")
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (bench/kvpress_runner.py names)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
-                    help="an extra kvtool row per budget with these CompressionSettings fields")
+                    help="an extra kvtool row per budget with these settings of a method")
+    ap.add_argument("--stats", type=Path, default=None, help="a calibration of this model: also run --calibrated "
+                                                             "methods with calibrated per-layer budgets")
+    ap.add_argument("--calibrated", default="kvmerger", help="methods to run with calibrated budgets (with --stats)")
     ap.add_argument("--kvpress-venv", type=Path, default=ROOT / ".venv-kvpress")
     ap.add_argument("--no-kvpress", action="store_true", help="kvtool's rows only")
     ap.add_argument("--no-kvtool", action="store_true", help="run (or cache) the kvpress rows only")
@@ -213,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import kvtool
-    from kvtool.formats.merge_settings import METHODS
     from kvtool.io.loading import resolve_model
+    from kvtool.merging.methods import METHODS
 
     torch.set_num_threads(a.threads)
     budgets = [float(b) for b in a.budgets.split(",") if b]
@@ -232,6 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[str, dict[str, Any] | None]] = [] if a.no_none else [("none", None)]
     runs += [(m, {"method": m, "budget": b}) for b in budgets for m in methods]
     runs += [(name, {**fields, "budget": b}) for b in budgets for name, fields in variants]
+    if a.stats is not None:
+        from kvtool.calibration.merge_budgets import merge_settings
+        from kvtool.formats.plan import SharingPlan
+        from kvtool.formats.stats import CalibrationStats
+
+        stats = CalibrationStats.load(a.stats)
+        plan = SharingPlan.identity(model.config.num_hidden_layers)
+        runs += [(f"{m}_cal", merge_settings(stats, b, plan, m)) for b in budgets
+                 for m in a.calibrated.split(",") if m]
     kvpress_out = None
     with tempfile.TemporaryDirectory() as tmp:
         d = a.kvpress_cache or Path(tmp)

@@ -288,7 +288,7 @@ def export(
 @handle_errors
 def compress(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="export directory to write")],
-    target: Annotated[float, typer.Option(help="fraction of layers that stop storing KV")] = 0.3,
+    target: Annotated[float, typer.Option(help="share of the KV-cache bytes removed (as in search)")] = 0.3,
     model: ModelOpt = None,
     data: Annotated[str | None, typer.Option(help="calibration data (see `kvtool calibrate --help`)")] = None,
     samples: Annotated[int, typer.Option(min=1, help="calibration chunks")] = CalibrationSettings.samples,
@@ -705,13 +705,14 @@ def merge_table(mr: dict):
     """One row per variant × method × budget of the merge task."""
     from rich.table import Table
 
-    t = Table(title=f"KV merging vs eviction (passkey @ {mr['passkey_length']} tokens, {len(mr['passkey_depths'])} "
+    t = Table(title=f"Prompt-KV merge methods (passkey @ {mr['passkey_length']} tokens, {len(mr['passkey_depths'])} "
                     f"depths; perplexity of {mr['ppl_new']} tokens after a {mr['ppl_context']}-token context)",
               title_justify="left")
     for c in ("model", "method", "budget", "KV after prefill / base", "passkey", "long-context ppl"):
         t.add_column(c, justify="left" if c in ("model", "method") else "right")
     for r in mr["rows"]:
-        t.add_row(r["variant"], r["method"], "-" if r["budget"] is None else f"{r['budget']:g}",
+        method = r["method"] + (", calibrated budgets" if r.get("layer_budgets") == "calibrated" else "")
+        t.add_row(r["variant"], method, "-" if r["budget"] is None else f"{r['budget']:g}",
                   f"{r['kv_ratio']:.3f}", f"{r['passkey']:.2f}", f"{r['ppl']:.2f}")
     return t
 

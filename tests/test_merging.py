@@ -327,3 +327,38 @@ def test_every_method_allocates_on_its_rows_device(method):
         cuda = m.reduce(rows("cuda"), 12)
         assert cuda.keys.device.type == "cuda"
         assert torch.equal(cuda.positions.cpu(), ref.positions)
+
+
+@torch.no_grad()
+def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch, tmp_path):
+    """docs/ARCHITECTURE.md's example: a dataclass with a score, registered by name, runs everywhere a name does."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    import kvtool
+    from kvtool.io.export import export
+    from kvtool.io.tiny import save_tiny
+    from kvtool.merging import methods
+    from kvtool.merging.methods.base import PromptKV, ScoredEviction
+
+    @dataclass
+    class KNorm(ScoredEviction):
+        name: ClassVar[str] = "knorm"
+
+        def score(self, kv: PromptKV, keep: int):
+            return kv.keys.float().norm(dim=-1).masked_fill(kv.pad, -float("inf"))
+
+    monkeypatch.setitem(methods.METHODS, "knorm", KNorm)
+    m, tok = kvtool.load(save_tiny(tmp_path / "base", "llama"))
+    T = 40
+    with merge(m, method="knorm", budget=0.5, **ALL_LAYERS):
+        c = DynamicCache(config=m.config)
+        m(_ids(t=T), **cache_kwargs(m, c))
+        assert all(layer.keys.shape[-2] == T // 2 for layer in c.layers)
+        assert prefill_kv_bytes(m, _ids(t=T)) == kv_bytes(c)  # checked per layer against layer_counts
+    fresh, tok = kvtool.load(tmp_path / "base")
+    plan = plan_for(fresh)
+    plan.merge = {"method": "knorm", "budget": 0.5, "protected_layers": []}
+    export(plan, model=fresh, tokenizer=tok, out=tmp_path / "exp")
+    m2, _ = kvtool.load(tmp_path / "exp")
+    assert active_merge(m2).name == "knorm"

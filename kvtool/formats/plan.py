@@ -153,6 +153,9 @@ class SharingPlan:
         if [a if a == b else j for j, (a, b) in enumerate(zip(k, v, strict=True))] != src:
             raise KvtoolError("plan: kv_source_layers must be each layer's common key/value source (or the layer "
                               "itself where they differ)")
+        if self.layer_types is not None and (not isinstance(self.layer_types, list)
+                                             or not all(isinstance(t, str) for t in self.layer_types)):
+            raise KvtoolError("plan: layer_types must be a list of names or null")
         types = layer_types or self.layer_types
         if types is not None and len(types) != len(src):
             raise KvtoolError(f"plan: {len(types)} layer types for {len(src)} layers")

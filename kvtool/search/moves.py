@@ -57,15 +57,6 @@ def removed_units(src: Sources, units: list[int]) -> int:
     return sum(units[j] for j in range(len(k)) if k[j] != j) + sum(units[j] for j in range(len(v)) if v[j] != j)
 
 
-def is_valid(src: Sources, types: list[str]) -> bool:
-    """Every borrowed tensor comes from an earlier owner of the same attention type."""
-    for s in src:
-        for j, i in enumerate(s):
-            if i != j and not (0 <= i < j and s[i] == i and types[i] == types[j]):
-                return False
-    return True
-
-
 def admissible(src: Sources, types: list[str], granularity: str) -> list[Move]:
     """Every move allowed from ``src``: whole layers, and with ``granularity="tensor"`` keys or values alone."""
     k, v = src

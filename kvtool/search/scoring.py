@@ -266,8 +266,5 @@ class Scorer:
             kv.append({**{key: x for key, x in state.kv[k].items() if key[1] < scored.start}, **new_kv})
         return ScoreState(scored.plan, h_in, kv, scored.value())
 
-    def better(self, a: float, b: float) -> bool:
-        return a > b if HIGHER_IS_BETTER[self.metric] else a < b
-
     def passes(self, value: float, threshold: float) -> bool:
         return value >= threshold if HIGHER_IS_BETTER[self.metric] else value <= threshold
