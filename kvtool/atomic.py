@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from kvtool.errors import KvtoolError
+from kvtool.errors import KvtoolError, first_line
 
 
 def check_writable_file(path: str | Path, force: bool) -> Path:
@@ -34,20 +34,35 @@ def check_writable_dir(path: str | Path, force: bool) -> Path:
     return path
 
 
+def write_failure(path: Path, e: BaseException) -> BaseException:
+    """A write that the OS or a writer refused (disk full, permission, read-only, a file in the way) as one line
+    naming ``path``; anything else (a bug, Ctrl-C) as it is."""
+    if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)).rstrip(".")
+        return KvtoolError(f"cannot write {path}: {reason}; nothing was written")
+    return e
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise write_failure(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        err = write_failure(path, e)
+        if err is e:
+            raise
+        raise err from e
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -61,13 +76,19 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     An interrupted write (Ctrl-C, disk full) therefore never leaves a ``path`` that looks complete.
     """
     path = check_writable_dir(path, force)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise write_failure(path, e) from e
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        err = write_failure(path, e)
+        if err is e:
+            raise
+        raise err from e
     old = None
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"

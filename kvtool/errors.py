@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 
 class KvtoolError(Exception):
@@ -27,3 +29,23 @@ def first_line(e: BaseException, limit: int = 300) -> str:
 def quoted(names) -> str:
     """Names as they would be typed in JSON, comma-separated and sorted (safe for one-line messages)."""
     return ", ".join(json.dumps(str(n)) for n in sorted(names, key=str))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in ``path``, or one ``KvtoolError`` line naming it: unreadable (a directory, a permission),
+    not UTF-8, not JSON, or nested too deeply to parse."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise KvtoolError(f"{p} not found") from None
+    except OSError as e:
+        raise KvtoolError(f"cannot read {p}: {e.strerror or first_line(e)}") from None
+    except UnicodeDecodeError:
+        raise KvtoolError(f"{p} is damaged: not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise KvtoolError(f"{p} is damaged: not valid JSON ({e})") from None
+    except RecursionError:
+        raise KvtoolError(f"{p} is damaged: nested too deeply to read") from None

@@ -3,14 +3,13 @@ The recipe it ran is saved in the export's sidecar, and ``kvtool export --recipe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from kvtool.atomic import check_writable_dir
 from kvtool.calibration.calibrate import calibrate
-from kvtool.errors import KvtoolError
+from kvtool.errors import KvtoolError, read_json
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import CalibrationSettings, Recipe, SearchSettings
 from kvtool.formats.sidecar import read_sidecar
@@ -75,9 +74,6 @@ def load_recipe(path: str | Path) -> Recipe:
         if not side.get("recipe"):
             raise KvtoolError(f"{p} records no recipe (it was exported from a hand-made plan)")
         return Recipe.from_dict(side["recipe"])
-    try:
-        return Recipe.from_dict(json.loads(p.read_text()))
-    except FileNotFoundError:
-        raise KvtoolError(f"recipe not found: {p}") from None
-    except json.JSONDecodeError as e:
-        raise KvtoolError(f"{p} is not valid JSON: {e}") from e
+    if not p.exists():
+        raise KvtoolError(f"recipe not found: {p}")
+    return Recipe.from_dict(read_json(p))

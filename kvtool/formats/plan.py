@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.atomic import check_writable_file, write_bytes_atomic
-from kvtool.errors import KvtoolError, quoted
+from kvtool.errors import KvtoolError, quoted, read_json
 from kvtool.formats.merge_settings import check_merge_dict
 
 PLAN_VERSION = 1
@@ -218,11 +218,7 @@ class SharingPlan:
         path = Path(path)
         if not path.is_file():
             raise KvtoolError(f"plan file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise KvtoolError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path))
 
 
 def _version_error(version: object) -> KvtoolError:

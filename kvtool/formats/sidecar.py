@@ -3,12 +3,11 @@ and the latest eval summary. Data only: nothing in it is executed, and it is val
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from kvtool.atomic import write_json_atomic
-from kvtool.errors import KvtoolError, quoted
+from kvtool.errors import KvtoolError, quoted, read_json
 from kvtool.formats.plan import SharingPlan
 
 SIDECAR = "kvtool.json"
@@ -20,12 +19,9 @@ SIDECAR_KEYS = {"format", "format_version", "kv_source_layers", "merge", "base_m
 def read_sidecar(path: str | Path) -> dict[str, Any]:
     """Read and strictly validate ``DIR/kvtool.json``."""
     p = Path(path) / SIDECAR
-    try:
-        d = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise KvtoolError(f"{path} has no {SIDECAR}; it is not a kvtool export") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise KvtoolError(f"{p} is damaged: not valid JSON ({e})") from e
+    if not p.exists():
+        raise KvtoolError(f"{path} has no {SIDECAR}; it is not a kvtool export")
+    d = read_json(p)
     if not isinstance(d, dict) or d.get("format") != "kvtool-export":
         raise KvtoolError(f"{p} is not a kvtool export sidecar")
     if d.get("format_version") != SIDECAR_VERSION:

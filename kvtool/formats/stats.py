@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvtool.atomic import atomic_dir
-from kvtool.errors import KvtoolError, first_line
+from kvtool.errors import KvtoolError, first_line, read_json
 
 STATS_VERSION = 1
 SIM_BINS = 400  # histogram of consecutive-key cosine similarity over [-1, 1]
@@ -76,11 +76,12 @@ class CalibrationStats:
         if not (p / "calibration.json").is_file() or not (p / "stats.safetensors").is_file():
             raise KvtoolError(f"{p} is not a calibration directory (run `kvtool calibrate --out {p}` first)")
         try:
-            meta = json.loads((p / "calibration.json").read_text())
+            meta = read_json(p / "calibration.json")
             tensors = load_file(str(p / "stats.safetensors"))
         except Exception as e:  # noqa: BLE001
             raise KvtoolError(f"{p}: calibration files are damaged ({first_line(e, 200)})") from e
-        if meta.get("version") != STATS_VERSION:
+        if not isinstance(meta, dict) or meta.get("version") != STATS_VERSION:
+            meta = meta if isinstance(meta, dict) else {}
             raise KvtoolError(f"{p}: calibration format {meta.get('version')} is not supported")
         need = {"k_mean", "v_mean", "input_ids", "final_hidden", "keysim_hist"} | {f"dist_{d}" for d in DISTANCES}
         missing = need - set(tensors)
