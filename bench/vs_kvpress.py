@@ -91,7 +91,7 @@ def build_inputs(tok, which: str) -> tuple[list[Any], Any]:
     from kvtool.data.passkey import MERGE_PASSKEY_DEPTHS, build_cases
     from kvtool.data.texts import heldout_chunks
 
-    if which == "eval":  # exactly kvtool.evaluation.merge_task.compare_compression's
+    if which == "eval":  # exactly kvtool.evaluation.merge_task.compare_merging's
         cases = build_cases(tok, (PASSKEY_LENGTH,), MERGE_PASSKEY_DEPTHS, seed=7)
         long_ids = heldout_chunks(tok, PPL_SAMPLES, PPL_CONTEXT + PPL_NEW).input_ids
     elif which == "tune":  # other keys, fillers and depths; windows from pydoc's calibration split (disjoint)

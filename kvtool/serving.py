@@ -141,8 +141,8 @@ def start(export_dir: str | Path, s: ServeSettings, *, python: str | None = None
     py = vllm_python(python)
     info = check_export(py, export_dir)
     if info.get("merge"):
-        say(f"note: the export's prompt-KV compression ({info['merge'].get('method')}, budget "
-            f"{info['merge'].get('budget')}) has no vLLM form; vLLM serves it uncompressed")
+        say(f"note: the export's prompt-KV merging ({info['merge'].get('method')}, budget "
+            f"{info['merge'].get('budget')}) has no vLLM form; vLLM serves it without merging")
     name = s.served_model_name or export_dir.resolve().name
     cmd = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", str(export_dir), "--served-model-name", name,
            "--host", s.host, "--port", str(s.port), "--dtype", s.dtype, "--kv-cache-memory-bytes",

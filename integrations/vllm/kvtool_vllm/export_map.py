@@ -187,7 +187,7 @@ def check_export(path: str | Path) -> SharingMap:
 
 
 def read_merge(path: str | Path) -> Any:
-    """The prompt-KV compression setting an export's kvtool.json records (None when none or no sidecar)."""
+    """The prompt-KV merging setting an export's kvtool.json records (None when none or no sidecar)."""
     try:
         return json.loads((Path(path) / "kvtool.json").read_text()).get("merge")
     except (OSError, ValueError, AttributeError):

@@ -169,11 +169,11 @@ _MERGE_SAID: set[str] = set()
 
 
 def _say_merge(path: str) -> None:
-    """The export's prompt-KV compression has no vLLM form: say so once per process, never drop it silently."""
+    """The export's prompt-KV merging has no vLLM form: say so once per process, never drop it silently."""
     merge = read_merge(path)
     if merge and path not in _MERGE_SAID:
         _MERGE_SAID.add(path)
-        logger.warning("kvtool_vllm: %s records prompt-KV compression (%s, budget %s), which vLLM does not run: it "
+        logger.warning("kvtool_vllm: %s records prompt-KV merging (%s, budget %s), which vLLM does not run: it "
                        "serves the shared model without it (kvtool generate / kvtool.load apply it)", path,
                        merge.get("method", "?"), merge.get("budget", "?"))
 

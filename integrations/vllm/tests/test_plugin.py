@@ -127,8 +127,8 @@ def test_plain_vllm_refuses_an_export(fx, tmp_path):
         ["KvtoolLlamaForCausalLM"]
 
 
-def test_prompt_compression_is_said_once_not_dropped(fx, tmp_path):
-    """A sidecar's prompt-KV compression has no vLLM form: the engine log says so, once."""
+def test_prompt_merging_is_said_once_not_dropped(fx, tmp_path):
+    """A sidecar's prompt-KV merging has no vLLM form: the engine log says so, once."""
     exp = tmp_path / "merged"
     shutil.copytree(fx["root"] / "llama" / "shared", exp)
     side = json.loads((exp / "kvtool.json").read_text())
@@ -136,7 +136,7 @@ def test_prompt_compression_is_said_once_not_dropped(fx, tmp_path):
     (exp / "kvtool.json").write_text(json.dumps(side))
     run = engine(exp, tmp_path / "run", greedy={"prompts": fx["prompts"][:1], "max_tokens": 4})
     assert run["returncode"] == 0
-    assert run["log"].count("records prompt-KV compression (kvmerger, budget 0.5)") == 1
+    assert run["log"].count("records prompt-KV merging (kvmerger, budget 0.5)") == 1
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3"])
