@@ -362,3 +362,31 @@ def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch, tmp_path):
     export(plan, model=fresh, tokenizer=tok, out=tmp_path / "exp")
     m2, _ = kvtool.load(tmp_path / "exp")
     assert active_merge(m2).name == "knorm"
+
+
+def _merge_dicts():
+    from hypothesis import strategies as st
+
+    from tests.test_formats_properties import json_values
+
+    keys = st.sampled_from(["method", "budget", "protected_layers", "layer_budgets", "eps", "sinks", "window",
+                            "recent_share", "thresholds", "layer_budget", "size_bias", "bogus"])
+    names = st.sampled_from([*METHODS, "zip"]) | json_values
+    return st.dictionaries(keys, json_values, max_size=6).flatmap(
+        lambda d: st.builds(lambda n: {**d, "method": n}, names)) | json_values
+
+
+def test_any_merge_json_makes_a_method_or_fails_with_one_kvtool_error():
+    from hypothesis import HealthCheck, given, settings
+
+    @given(_merge_dicts())
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    def check(d):
+        try:
+            m = method_from_dict(d)
+        except KvtoolError as e:
+            assert "\n" not in str(e)
+        else:
+            assert method_from_dict(m.to_dict()) == m
+
+    check()
