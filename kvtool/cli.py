@@ -174,8 +174,8 @@ def search(
                                                             "prompt KV kept")] = None,
     merge_method: Annotated[str | None, typer.Option(help="merge method for --merge-budget (default: kvmerger; "
                                                           "any name in kvtool.METHODS)")] = None,
-    merge_allocation: Annotated[str, typer.Option(help="per-layer budgets: calibrated (from the keys' similarity) "
-                                                       "or even")] = "calibrated",
+    merge_allocation: Annotated[str, typer.Option(help="per-layer budgets: even, or calibrated from the keys' "
+                                                       "similarity (worse on SmolLM2, see docs/RESULTS.md)")] = "even",
     compare_: Annotated[bool, typer.Option("--compare", help="run every order and layout at --target and "
                                                             "print one table")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="with --compare: write the table as JSON")] = None,

@@ -252,7 +252,8 @@ def test_calibrated_budgets_follow_the_key_similarity(llama_stats):
 
     _, st = llama_stats
     plan = SharingPlan.identity(8)
-    d = merge_settings(st, 0.5, plan)
+    assert merge_settings(st, 0.5, plan).get("layer_budgets") is None  # the default: an even split, nothing else
+    d = merge_settings(st, 0.5, plan, allocation="calibrated")
     assert d["method"] == "kvmerger" and d["layer_budgets"][0] is None and d["layer_budgets"][7] is None
     hist = st.tensors["keysim_hist"].clone()
     bins = hist.shape[-1]
@@ -261,7 +262,7 @@ def test_calibrated_budgets_follow_the_key_similarity(llama_stats):
     hist[5] = 0
     hist[5, :, bins // 2] = 100  # layer 5: unrelated consecutive keys
     other = CalibrationStats({**st.tensors, "keysim_hist": hist}, st.meta)
-    e = merge_settings(other, 0.5, plan)
+    e = merge_settings(other, 0.5, plan, allocation="calibrated")
     lb = e["layer_budgets"]
     assert lb != d["layer_budgets"] and lb[4] == min(lb[2:7]) < lb[5] == max(lb[2:7])
     assert merge_settings(other, 0.5, plan, allocation="even").get("layer_budgets") is None
@@ -281,7 +282,7 @@ def test_search_merge_budget_export_load_keeps_exactly_the_budget(llama_stats, t
     from kvtool.search import search
 
     m, st = llama_stats
-    res = search(st, model=m, layers=2, order="random", seed=1, merge_budget=0.5)
+    res = search(st, model=m, layers=2, order="random", seed=1, merge_budget=0.5, merge_allocation="calibrated")
     assert res.plan.merge["layer_budgets"] is not None
     export(res.plan, model=m, tokenizer=tiny_tokenizer(), out=tmp_path / "exp")
     m2, _ = kvtool.load(tmp_path / "exp")

@@ -1,4 +1,6 @@
-"""Per-layer merge budgets for a plan, from the consecutive-key similarity that ``calibrate`` collects.
+"""Per-layer merge budgets for a plan, from the consecutive-key similarity that ``calibrate`` collects (opt-in:
+``search --merge-allocation calibrated``; on SmolLM2 the even split reads better and retrieves as well or better,
+docs/RESULTS.md "Calibrated merge budgets", so it is the default).
 
 KVMerger's merging sets are runs of consecutive tokens whose keys are alike, so a layer whose consecutive keys are
 more alike can merge more for the same loss. With one similarity threshold τ for the whole model, layer l merges
@@ -48,7 +50,7 @@ def calibrated_shares(hists: list[torch.Tensor], even: float) -> list[float]:
 
 
 def merge_settings(stats: CalibrationStats, budget: float, plan: SharingPlan, method: str = "kvmerger",
-                   allocation: str = "calibrated") -> dict:
+                   allocation: str = "even") -> dict:
     """The ``merge`` field of ``plan``: ``method`` at ``budget`` (kept share of the prompt KV), with per-layer
     budgets from the key similarity (``allocation="calibrated"``) or every merged layer alike (``"even"``)."""
     if not 0 < budget <= 1:

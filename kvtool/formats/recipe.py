@@ -66,7 +66,8 @@ class SearchSettings:
     group_size: int = 4
     merge_budget: float | None = None  # also record prompt-KV merging at this kept share
     merge_method: str = "kvmerger"  # ... by this method (kvtool.merging.methods.METHODS)
-    merge_allocation: str = "calibrated"  # per-layer budgets from the key similarity, or "even"
+    merge_allocation: str = "even"  # every merged layer alike, or "calibrated" from the key similarity (measured
+    # worse on SmolLM2: docs/RESULTS.md)
     incremental: bool = True
     batch_size: int = 32  # calibration chunks per scoring forward
     screen: int = 1  # best-first: compare candidates on this many scoring batches first, then complete the kept one
