@@ -77,15 +77,21 @@ def layer_shares(settings: MergeBase, kv_source_layers: list[int], layer_types: 
                  ) -> list[float | None]:
     """Per layer, the share of its prompt a merged layer keeps (None: stays whole); 1.0 for every merged layer when
     there is no budget (a method's own criterion decides, data-dependent)."""
+    return _shares(settings, kv_source_layers, layer_types, k_source_layers, v_source_layers)[0]
+
+
+def _shares(settings: MergeBase, kv_source_layers: list[int], layer_types: list[str] | None,
+            k_source_layers: list[int] | None, v_source_layers: list[int] | None) -> tuple[list[float | None], int]:
+    """``layer_shares`` and the full-attention tensors the model stores."""
     L = len(kv_source_layers)
     merged, owned = merged_layers(settings, kv_source_layers, layer_types, k_source_layers, v_source_layers)
     shares: list[float | None] = [None] * L
     if settings.budget is None:
         for i in merged:
             shares[i] = 1.0
-        return shares
+        return shares, owned
     if not merged:
-        return shares
+        return shares, owned
     even = (settings.budget * owned - (owned - 2 * len(merged))) / (2 * len(merged))
     if even < MIN_SHARE:
         prot = settings.protected_layers if settings.protected_layers is not None else protected_layers(L)
@@ -95,13 +101,13 @@ def layer_shares(settings: MergeBase, kv_source_layers: list[int], layer_types: 
     if lb is None:
         for i in merged:
             shares[i] = min(1.0, even)
-        return shares
+        return shares, owned
     if len(lb) != L or sorted(i for i in range(L) if lb[i] is not None) != merged:
         raise KvtoolError("the merge's layer budgets were calibrated for another map or other protected layers; "
                           "rerun `kvtool search --merge-budget` for this one")
     for i in merged:
         shares[i] = float(lb[i])
-    return shares
+    return shares, owned
 
 
 def layer_counts(settings: MergeBase, kv_source_layers: list[int], layer_types: list[str] | None, prompt: int,
@@ -111,14 +117,13 @@ def layer_counts(settings: MergeBase, kv_source_layers: list[int], layer_types: 
     layers keep ``round((budget · stored - whole) / 2)`` entries between them, split by their shares with the
     largest remainders. Without a budget a merged layer's count depends on the data: ``prompt``, the most it keeps.
     """
-    shares = layer_shares(settings, kv_source_layers, layer_types, k_source_layers, v_source_layers)
+    shares, owned = _shares(settings, kv_source_layers, layer_types, k_source_layers, v_source_layers)
     merged = [i for i, s in enumerate(shares) if s is not None]
     counts: list[int | None] = [None] * len(shares)
     if settings.budget is None:
         return [None if s is None else prompt for s in shares]
     if not merged or prompt < 2:
         return counts
-    _, owned = merged_layers(settings, kv_source_layers, layer_types, k_source_layers, v_source_layers)
     whole = (owned - 2 * len(merged)) * prompt
     total = max(len(merged), min(len(merged) * prompt, round((settings.budget * owned * prompt - whole) / 2)))
     weight = sum(shares[i] for i in merged)

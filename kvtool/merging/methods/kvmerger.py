@@ -144,8 +144,8 @@ def gaussian_merge(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, 
 
 
 def merge_rows(keys: torch.Tensor, values: torch.Tensor, acc: torch.Tensor, keep: int | None, *,
-               pad: torch.Tensor | None = None, eps: float = 0.75, sigma: float = 5.0, sinks: int = 4,
-               recent: int = 32, heavy: int = 0) -> MergeResult:
+               pad: torch.Tensor | None = None, eps: float = KVMerger.eps, sigma: float = KVMerger.sigma,
+               sinks: int = KVMerger.sinks, recent: int = KVMerger.recent, heavy: int = 0) -> MergeResult:
     """Merge rows of prompt KV ([R, T, D] keys after RoPE, values, accumulated attention [R, T]) down to ``keep``
     entries each. ``keep=None`` merges by the threshold ``eps`` alone, to the largest count any row keeps then (so
     the rows stay dense: rows with more similar pairs merge only their most similar ones)."""
