@@ -15,23 +15,60 @@ from kvtool.errors import KvtoolError, first_line
 
 
 def check_writable_file(path: str | Path, force: bool) -> Path:
-    """Refuse to overwrite an existing file unless ``force``."""
+    """Refuse to overwrite an existing file unless ``force``, and a path the OS would refuse (see ``check_parent``)."""
     path = Path(path)
-    if path.is_dir():
-        raise KvtoolError(f"{path} is a directory; give a file path")
-    if path.exists() and not force:
-        raise KvtoolError(f"{path} already exists; pass --force to overwrite it")
+    with _os_errors(path):
+        _check_file(path, force)
     return path
 
 
 def check_writable_dir(path: str | Path, force: bool) -> Path:
-    """Refuse a non-empty existing directory (or a file) unless ``force``."""
+    """Refuse a non-empty existing directory (or a file) unless ``force``, and a path the OS would refuse."""
     path = Path(path)
+    with _os_errors(path):
+        _check_dir(path, force)
+    return path
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:  # e.g. a folder above that this process may not enter
+        raise write_failure(path, e) from e
+
+
+def _check_file(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise KvtoolError(f"{path} is a directory; give a file path")
+    if path.exists() and not force:
+        raise KvtoolError(f"{path} already exists; pass --force to overwrite it")
+    check_parent(path)
+
+
+def _check_dir(path: Path, force: bool) -> None:
     if path.exists() and not path.is_dir():
         raise KvtoolError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise KvtoolError(f"{path} is not empty; pass --force to replace it")
-    return path
+    check_parent(path)
+
+
+def check_parent(path: Path) -> None:
+    """Before any work: the nearest existing folder above ``path`` must be a directory this process may write in,
+    on a writable file system (the atomic writers create a sibling there and rename it into place)."""
+    above = Path(os.path.abspath(path)).parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if not above.is_dir():
+        raise KvtoolError(f"cannot write {path}: {above} is not a directory; nothing was written")
+    if not os.access(above, os.W_OK | os.X_OK):
+        try:
+            read_only = bool(os.statvfs(above).f_flag & os.ST_RDONLY)
+        except OSError:
+            read_only = False
+        reason = "read-only file system" if read_only else "permission denied"
+        raise KvtoolError(f"cannot write {path}: {reason} ({above}); nothing was written")
 
 
 def write_failure(path: Path, e: BaseException) -> BaseException:
@@ -89,16 +126,21 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         if err is e:
             raise
         raise err from e
-    old = None
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        os.replace(path, old)
+    old = path.parent / f".{path.name}.old-{os.getpid()}" if path.exists() else None
     try:
-        os.replace(tmp, path)
-    except BaseException:
         if old is not None:
-            os.replace(old, path)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old, path)
+            raise
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        err = write_failure(path, e)
+        if err is e:
+            raise
+        raise err from e
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -84,8 +84,11 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             err.print("interrupted; nothing was written")
             raise typer.Exit(130) from None
-        except OSError as e:
-            _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+        except OSError as e:  # one the library did not word itself (transformers' loaders raise OSError too)
+            from kvtool.errors import first_line
+
+            name = getattr(e, "filename", None)
+            _fail(f"{name}: {e.strerror or first_line(e)}" if name else first_line(e))
 
     return wrapper
 

@@ -31,12 +31,19 @@ def quoted(names) -> str:
     return ", ".join(json.dumps(str(n)) for n in sorted(names, key=str))
 
 
-def read_json(path: str | Path) -> Any:
+MAX_JSON_BYTES = 64 * 2**20  # kvtool's own JSON files are kilobytes; a larger one is not one of them
+
+
+def read_json(path: str | Path, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in ``path``, or one ``KvtoolError`` line naming it: unreadable (a directory, a permission),
-    not UTF-8, not JSON, or nested too deeply to parse."""
+    larger than ``max_bytes``, not UTF-8, not JSON, a number too long to convert, or nested too deeply to parse."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with p.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise KvtoolError(f"{p} is too large to be a kvtool JSON file (over {max_bytes / 2**20:g} MiB)")
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise KvtoolError(f"{p} not found") from None
     except OSError as e:
@@ -47,5 +54,7 @@ def read_json(path: str | Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise KvtoolError(f"{p} is damaged: not valid JSON ({e})") from None
+    except ValueError as e:  # an integer past Python's digit limit
+        raise KvtoolError(f"{p} is damaged: {first_line(e, 120)}") from None
     except RecursionError:
         raise KvtoolError(f"{p} is damaged: nested too deeply to read") from None

@@ -87,4 +87,32 @@ class CalibrationStats:
         missing = need - set(tensors)
         if missing:
             raise KvtoolError(f"{p}: stats.safetensors lacks {', '.join(sorted(missing))}")
+        _check_meta(p, meta, tensors)
         return cls(tensors, meta)
+
+
+# calibration.json's fields that search, compare and the merge budgets read, with the JSON types they need
+_META_TYPES: dict[str, tuple[type, ...]] = {"model_name": (str,), "model_fingerprint": (str,), "data": (str,),
+                                            "data_hash": (str,), "samples": (int,), "seq_len": (int,),
+                                            "seed": (int,), "num_layers": (int,), "layer_types": (list,)}
+
+
+def _check_meta(p: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """calibration.json's fields have the types its readers use, and the tensors the shapes its layer count implies."""
+    for key, types in _META_TYPES.items():
+        v = meta.get(key)
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise KvtoolError(f"{p}/calibration.json: {key} must be {' or '.join(t.__name__ for t in types)}, "
+                              f"got {type(v).__name__ if key in meta else 'nothing'}")
+    if meta.get("model") is not None and not isinstance(meta["model"], str):
+        raise KvtoolError(f"{p}/calibration.json: model must be a string or null")
+    L = meta["num_layers"]
+    if L < 1 or len(meta["layer_types"]) != L or not all(isinstance(t, str) for t in meta["layer_types"]):
+        raise KvtoolError(f"{p}/calibration.json: layer_types must be {L} strings, one per layer")
+    shapes = {"k_mean": 4, "v_mean": 4, "keysim_hist": 3, **{f"dist_{d}": 2 for d in DISTANCES}}
+    for name, dims in shapes.items():
+        t = tensors[name]
+        if t.dim() != dims or t.shape[0] != L or (dims == 2 and t.shape[1] != L):
+            raise KvtoolError(f"{p}: stats.safetensors' {name} has shape {list(t.shape)}, not {L} layers")
+    if tensors["input_ids"].dim() != 2 or tensors["final_hidden"].shape[:1] != tensors["input_ids"].shape[:1]:
+        raise KvtoolError(f"{p}: stats.safetensors' input_ids and final_hidden disagree on the chunk count")
