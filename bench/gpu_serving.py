@@ -37,7 +37,6 @@ import argparse
 import gc
 import json
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -45,7 +44,8 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, StaticCache
+from common import PRESETS, alternate, build_model, fmt_bytes, parse_size, ratio_spread
+from transformers import DynamicCache, StaticCache
 
 import kvtool
 from kvtool.compat import cache_kwargs
@@ -55,35 +55,8 @@ from kvtool.crosslayer.runtime import apply_sharing, remove_sharing
 from kvtool.formats.plan import SharingPlan
 from kvtool.search.layouts import layout_plan
 
-# Llama-3.x shapes (hidden, layers, heads, KV heads, MLP, vocab); "tiny" is for CPU tests.
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                     intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "llama-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
-    "tiny": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=256, tie_word_embeddings=False),
-}
+__all__ = ["PRESETS", "main", "parse_size"]
 VARIANTS = ("base", "shared")
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as ``8GiB``, ``512MiB``, ``1.5GB`` or ``4096``."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text.lower())
-    if m is None:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 512MiB, 8GiB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
-
-
-def fmt_bytes(n: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def machine(device: torch.device) -> dict[str, str]:
@@ -104,15 +77,6 @@ def free_memory(device: torch.device) -> None:
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
-
-
-def build_model(preset: str, device: torch.device, dtype: torch.dtype, max_positions: int) -> torch.nn.Module:
-    """A random-weight Llama with the preset's shape, built directly on ``device`` (sdpa attention, eval mode)."""
-    cfg = LlamaConfig(**PRESETS[preset], max_position_embeddings=max(max_positions, 2048))
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
 
 
 def set_variant(model: torch.nn.Module, variant: str, plan: SharingPlan, drop_unused: bool = False) -> float:
@@ -226,18 +190,22 @@ def bench_preset(preset: str, a: argparse.Namespace, device: torch.device, dtype
         set_variant(model, v, plan)
         for b in batches[v].values():
             try_run(model, b, a.prompt, a.new, a.cache)
-    runs: dict[str, dict[str, list[dict]]] = {v: {"eq": [], "max": []} for v in VARIANTS}
-    for r in range(a.repeats):
-        for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
-            set_variant(model, v, plan)
-            for kind, b in batches[v].items():
-                res = try_run(model, b, a.prompt, a.new, a.cache)
-                if res is None:
-                    print(f"  run {r} {v:6s} batch {b}: out of memory", flush=True)
-                    continue
-                runs[v][kind].append(res)
-                print(f"  run {r} {v:6s} batch {b:4d}  prefill {res['prefill_s']:.4f} s  decode "
-                      f"{res['decode_tok_s']:.1f} tok/s  KV {fmt_bytes(res['kv_bytes'])}", flush=True)
+
+    def one_round(v: str, m: torch.nn.Module = model) -> dict[str, dict | None]:
+        set_variant(m, v, plan)
+        got = {}
+        for kind, b in batches[v].items():
+            got[kind] = res = try_run(m, b, a.prompt, a.new, a.cache)
+            if res is None:
+                print(f"  {v:6s} batch {b}: out of memory", flush=True)
+                continue
+            print(f"  {v:6s} batch {b:4d}  prefill {res['prefill_s']:.4f} s  decode "
+                  f"{res['decode_tok_s']:.1f} tok/s  KV {fmt_bytes(res['kv_bytes'])}", flush=True)
+        return got
+
+    rounds = alternate(one_round, VARIANTS, a.repeats)
+    runs = {v: {kind: [x[kind] for x in rs if x[kind] is not None] for kind in ("eq", "max")}
+            for v, rs in rounds.items()}
 
     def med(v: str, kind: str, key: str) -> float | None:
         xs = [x[key] for x in runs[v][kind]]
@@ -279,6 +247,13 @@ def bench_preset(preset: str, a: argparse.Namespace, device: torch.device, dtype
                      "decode_tok_s_equal_batch": ratio("decode_tok_s"),
                      "decode_tok_s_max_batch": ratio("max_batch_decode_tok_s"),
                      "gpu_max_batch": ratio("max_batch", "gpu"), "gpu_decode_tok_s": ratio("decode_tok_s", "gpu")}
+    out["ratio_spreads"] = {}  # per-round shared/base ratios: how far one round's pair is from another's
+    for kind, key, name in (("eq", "prefill_s", "prefill_s"), ("eq", "decode_tok_s", "decode_tok_s_equal_batch"),
+                            ("max", "decode_tok_s", "decode_tok_s_max_batch")):
+        pairs = [(b[kind], s[kind]) for b, s in zip(rounds["base"], rounds["shared"], strict=True)
+                 if b[kind] is not None and s[kind] is not None]
+        if pairs:
+            out["ratio_spreads"][name] = ratio_spread([b[key] for b, _ in pairs], [s[key] for _, s in pairs]).to_dict()
     out["seconds"] = time.perf_counter() - t_start
     del model
     free_memory(device)
@@ -295,6 +270,10 @@ def print_table(out: dict[str, Any], a: argparse.Namespace) -> None:
     def kv(x: int | None) -> str:
         return "-" if x is None else fmt_bytes(x)
 
+    def rng(name: str) -> str:
+        sp = out.get("ratio_spreads", {}).get(name)
+        return f"  (rounds {sp['min']:.3f}–{sp['max']:.3f})" if sp and sp["n"] > 1 else ""
+
     rows = [
         ("KV bytes per sequence", fmt_bytes(b["kv_bytes_per_seq"]), fmt_bytes(s["kv_bytes_per_seq"]),
          num(r["kv_bytes_per_seq"], ".4f")),
@@ -302,11 +281,11 @@ def print_table(out: dict[str, Any], a: argparse.Namespace) -> None:
          num(r["max_batch"], ".3f") + f"  (limit {r['limit_layers_over_owners']:.3f})"),
         ("  KV measured at max batch", kv(b["max_batch_kv_bytes"]), kv(s["max_batch_kv_bytes"]), ""),
         (f"prefill s (batch {a.batch})", num(b["prefill_s"], ".4f"), num(s["prefill_s"], ".4f"),
-         num(r["prefill_s"], ".3f")),
+         num(r["prefill_s"], ".3f") + rng("prefill_s")),
         (f"decode tok/s (batch {a.batch})", num(b["decode_tok_s"], ".1f"), num(s["decode_tok_s"], ".1f"),
-         num(r["decode_tok_s_equal_batch"], ".3f")),
+         num(r["decode_tok_s_equal_batch"], ".3f") + rng("decode_tok_s_equal_batch")),
         ("decode tok/s (max batch)", num(b["max_batch_decode_tok_s"], ".1f"), num(s["max_batch_decode_tok_s"], ".1f"),
-         num(r["decode_tok_s_max_batch"], ".3f")),
+         num(r["decode_tok_s_max_batch"], ".3f") + rng("decode_tok_s_max_batch")),
         ("prefill s (max batch)", num(b["max_batch_prefill_s"], ".4f"), num(s["max_batch_prefill_s"], ".4f"), ""),
     ]
     if "gpu" in b:

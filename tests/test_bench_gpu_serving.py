@@ -2,35 +2,33 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_serving.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("gpu_serving", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def gs(monkeypatch):
+    """bench/gpu_serving.py as a module, with bench/ on the path as when it runs as a script (for bench/common.py)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    return importlib.import_module("gpu_serving")
 
 
-def test_parse_size():
-    gs = _load_script()
+def test_parse_size(gs):
     assert gs.parse_size("8GiB") == 8 * 2**30
     assert gs.parse_size("512MiB") == 512 * 2**20
     assert gs.parse_size("1.5GB") == 1_500_000_000
     assert gs.parse_size("4096") == 4096
-    with pytest.raises(Exception, match="not a size"):
+    with pytest.raises(Exception, match="cannot read"):
         gs.parse_size("8 gigs")
 
 
-def test_tiny_cpu_run(tmp_path, capsys):
-    gs = _load_script()
+def test_tiny_cpu_run(gs, tmp_path, capsys):
     out = tmp_path / "sub" / "serving.json"
     prompt, new, budget = 64, 8, 4 * 2**20
     threads = torch.get_num_threads()
@@ -71,3 +69,4 @@ def test_tiny_cpu_run(tmp_path, capsys):
     assert p["ratios"]["limit_layers_over_owners"] == L / (L - c)
     for key in ("prefill_s", "decode_tok_s_equal_batch", "decode_tok_s_max_batch"):
         assert p["ratios"][key] > 0, key
+        assert p["ratio_spreads"][key]["n"] == 1  # one round: the range is that round's ratio
