@@ -3,7 +3,13 @@ a full disk while exporting or calibrating (a patched writer), and JSON too deep
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
@@ -81,3 +87,218 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_dir, tmp_path, monkeypa
     _one_line(r, "cannot write", str(tmp_path / "out"), "No space left on device")
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     assert safetensors.torch.save_file is not None
+
+
+# --- every output the OS refuses: a file above it, no permission, a read-only or full file system, the wrong kind ---
+
+_libc = ctypes.CDLL(None, use_errno=True)
+MS_RDONLY, MS_REMOUNT, MNT_DETACH = 1, 32, 2
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(name, read_only=False)``: a small tmpfs of its own under tmp_path (root only: skipped elsewhere);
+    ``fill(d)`` leaves it no free block, ``remount_ro(d)`` makes it read-only."""
+    mounted: list[Path] = []
+
+    def mount(name: str, read_only: bool = False, size: str = "4m") -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        if _libc.mount(b"tmpfs", os.fsencode(d), b"tmpfs", MS_RDONLY if read_only else 0,
+                       f"size={size}".encode()) != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({os.strerror(ctypes.get_errno())}); the patched-writer test "
+                        "covers a full disk")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in reversed(mounted):
+        _libc.umount2(os.fsencode(d), MNT_DETACH)
+
+
+def _fill(d: Path, leave: int = 0) -> None:
+    """Take every free block of d's file system but ``leave`` bytes (whole pages)."""
+    with open(d / ".fill", "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+    if leave:
+        os.truncate(d / ".fill", max(0, (d / ".fill").stat().st_size - leave))
+
+
+def _remount_ro(d: Path) -> None:
+    assert _libc.mount(None, os.fsencode(d), None, MS_REMOUNT | MS_RDONLY, None) == 0, os.strerror(ctypes.get_errno())
+
+
+def _refuse(monkeypatch, d: Path, read_only: bool) -> None:
+    """Make the early check see ``d`` as the kernel would for an unprivileged user (root ignores a 0500 mode; a
+    read-only mount needs root)."""
+    real_access, real_statvfs = os.access, os.statvfs
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == d and mode & os.W_OK
+                        else real_access(p, mode, **k))
+    if read_only:
+        monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_flag=os.ST_RDONLY) if Path(p) == d
+                            else real_statvfs(p))
+
+
+@pytest.fixture
+def denied(tmp_path, monkeypatch):
+    d = tmp_path / "locked"
+    d.mkdir()
+    d.chmod(0o500)
+    if os.geteuid() == 0:
+        _refuse(monkeypatch, d, read_only=False)
+    yield d
+    d.chmod(0o700)
+
+
+@pytest.fixture
+def read_only(tmp_path, monkeypatch):
+    d = tmp_path / "ro"
+    d.mkdir()
+    if _libc.mount(b"tmpfs", os.fsencode(d), b"tmpfs", MS_RDONLY, b"size=64k") != 0:
+        _refuse(monkeypatch, d, read_only=True)
+        yield d
+        return
+    yield d
+    _libc.umount2(os.fsencode(d), MNT_DETACH)
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    return SharingPlan([0, 1, 1, 3, 3, 5]).save(tmp_path_factory.mktemp("plan") / "plan.json")
+
+
+@pytest.fixture(scope="module")
+def cal_dir(tiny_dir, tmp_path_factory):
+    from kvtool.calibration.calibrate import calibrate
+
+    out = tmp_path_factory.mktemp("cal") / "cal"
+    calibrate(str(tiny_dir), samples=2, seq_len=16, out=out)
+    return out
+
+
+def _commands(tiny_dir, plan_file, stats) -> dict[str, tuple[str, Callable[[Path], list[str]]]]:
+    """Each command that writes, the kind of output it writes, and its arguments for an output path."""
+    t, p = str(tiny_dir), str(plan_file)
+    small = ["--samples", "2", "--seq-len", "16"]
+    return {
+        "calibrate": ("dir", lambda o: ["calibrate", "--model", t, *small, "--out", str(o)]),
+        "export": ("dir", lambda o: ["export", "--plan", p, "--model", t, "--out", str(o)]),
+        "compress": ("dir", lambda o: ["compress", "--model", t, *small, "--out", str(o)]),
+        "heal": ("dir", lambda o: ["heal", "--plan", p, "--model", t, "--tokens", "256", "--seq-len", "8",
+                                   "--text", "calibration", "--out", str(o)]),
+        "search": ("file", lambda o: ["search", "--stats", str(stats), "--out", str(o)]),
+        "search --compare": ("file", lambda o: ["search", "--compare", "--stats", str(stats), "--json", str(o)]),
+        "eval --json": ("file", lambda o: ["eval", "--plan", p, "--model", t, "--tasks", "ppl", "--ppl-samples", "1",
+                                           "--ppl-seq-len", "8", "--json", str(o)]),
+        "eval --plans --json": ("file", lambda o: ["eval", "--plans", p, "--model", t, "--ppl-samples", "1",
+                                                   "--ppl-seq-len", "8", "--json", str(o)]),
+    }
+
+
+def _left_over(parent: Path, out: Path) -> list[str]:
+    """What a refused write left beside (or at) ``out``."""
+    return [q.name for q in parent.iterdir() if q.name.startswith(f".{out.name}") or q == out]
+
+
+CASES = ["a file above", "permission denied", "read-only", "the wrong kind"]
+COMMANDS = ["calibrate", "export", "compress", "heal", "search", "search --compare", "eval --json",
+            "eval --plans --json"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_output_the_os_would_refuse_is_refused_before_any_work(tiny_dir, plan_file, tmp_path, request, case,
+                                                                   command):
+    kind, args = _commands(tiny_dir, plan_file, tmp_path / "no-stats")[command]
+    if case == "a file above":
+        (tmp_path / "afile").write_text("x")
+        parent, words = tmp_path / "afile", ["is not a directory"]
+    elif case == "permission denied":
+        parent, words = request.getfixturevalue("denied"), ["permission denied"]
+    elif case == "read-only":
+        parent, words = request.getfixturevalue("read_only"), ["read-only file system"]
+    else:
+        parent = tmp_path
+        words = ["exists and is not a directory"] if kind == "dir" else ["is a directory"]
+    out = parent / ("out" if kind == "dir" else "out.json")
+    if case == "the wrong kind":
+        out.write_text("keep") if kind == "dir" else out.mkdir()
+    r = CliRunner().invoke(app, args(out))
+    _one_line(r, str(out), *words)
+    if case == "the wrong kind":
+        assert (out.read_text() == "keep") if kind == "dir" else not any(out.iterdir())
+    elif parent.is_dir():
+        assert _left_over(parent, out) == []
+
+
+@pytest.mark.parametrize("command", ["calibrate", "export", "search", "eval --json", "heal"])
+def test_a_full_file_system_is_one_line_and_leaves_nothing(tiny_dir, plan_file, cal_dir, tmpfs, command):
+    kind, args = _commands(tiny_dir, plan_file, cal_dir)[command]
+    d = tmpfs("full")
+    _fill(d)
+    out = d / ("out" if kind == "dir" else "out.json")
+    _one_line(CliRunner().invoke(app, args(out)), f"cannot write {out}", "No space left on device",
+              "nothing was written")
+    assert _left_over(d, out) == []
+
+
+def test_the_sidecar_update_after_eval_on_a_full_or_read_only_export_is_one_line(tiny_dir, plan_file, tmpfs):
+    from kvtool.io.export import export
+
+    for how in ("full", "read-only"):
+        d = tmpfs(how, size="16m")
+        export(plan_file, out=d / "exp", model=str(tiny_dir))
+        before = (d / "exp" / SIDECAR).read_bytes()
+        _fill(d) if how == "full" else _remount_ro(d)
+        r = CliRunner().invoke(app, ["eval", str(d / "exp"), "--tasks", "ppl", "--ppl-samples", "1",
+                                     "--ppl-seq-len", "8"])
+        _one_line(r, f"cannot write {d / 'exp' / SIDECAR}",
+                  "No space left on device" if how == "full" else "Read-only file system")
+        assert (d / "exp" / SIDECAR).read_bytes() == before
+        assert [q.name for q in (d / "exp").iterdir() if q.name.startswith(".")] == []
+
+
+def test_eval_plots_on_a_full_disk_or_a_file_is_one_line(tiny_dir, plan_file, cal_dir, tmpfs, tmp_path):
+    base = ["eval", "--plan", str(plan_file), "--model", str(tiny_dir), "--tasks", "ppl", "--ppl-samples", "1",
+            "--ppl-seq-len", "8", "--stats", str(cal_dir), "--plots"]
+    d = tmpfs("full")
+    _fill(d)
+    _one_line(CliRunner().invoke(app, [*base, str(d / "plots")]), f"cannot write {d / 'plots'}",
+              "No space left on device")
+    assert not any((d / "plots").iterdir()) if (d / "plots").exists() else True
+    (tmp_path / "plots").write_text("keep")
+    _one_line(CliRunner().invoke(app, [*base, str(tmp_path / "plots")]), str(tmp_path / "plots"))
+    assert (tmp_path / "plots").read_text() == "keep"
+
+
+def test_a_full_cache_while_sampling_the_corpus_is_one_line(tiny_dir, plan_file, tmpfs, tmp_path, monkeypatch):
+    d = tmpfs("cache")
+    _fill(d, leave=8192)  # room for corpus.json, none for a shard
+    monkeypatch.setenv("KVTOOL_CACHE", str(d))
+    r = CliRunner().invoke(app, ["heal", "--plan", str(plan_file), "--model", str(tiny_dir), "--tokens", "256",
+                                 "--seq-len", "8", "--out", str(tmp_path / "healed")])
+    _one_line(r, str(d / "corpus"), "No space left on device")
+    assert not (tmp_path / "healed").exists()
+    assert [q.name for q in d.rglob("*") if q.suffix == ".tmp" or q.name.startswith(".")] == [".fill"]
+
+
+@pytest.mark.slow  # the guard in conftest counts any convert_gguf call (here on a tiny model, seconds)
+def test_a_full_cache_while_converting_a_gguf_is_one_line(tiny_dir, tmpfs, tmp_path, monkeypatch):
+    import transformers
+
+    from kvtool.io import loading
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF")
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):  # the GGUF reader is not the point
+        real = auto.from_pretrained
+        monkeypatch.setattr(auto, "from_pretrained", lambda *a, _real=real, **k: _real(str(tiny_dir)))
+    d = tmpfs("cache")
+    _fill(d)
+    monkeypatch.setenv("KVTOOL_CACHE", str(d))
+    r = CliRunner().invoke(app, ["generate", str(gguf), "hi", "--max-new-tokens", "1"])
+    _one_line(r, str(d / "models"), "No space left on device")
+    assert not (d / "models").exists() or [q.name for q in (d / "models").iterdir()] == []
+    assert loading is not None
