@@ -19,6 +19,8 @@ import json
 import statistics
 import time
 
+from common import alternate, build_model, ratio_spread, spread
+
 
 def decode_run(model, ids, new: int, cache, step) -> tuple[float, object]:
     """Prefill ``ids`` into ``cache``, then ``new`` greedy steps through ``step``; returns (decode seconds, tokens)."""
@@ -46,7 +48,7 @@ def decode_run(model, ids, new: int, cache, step) -> tuple[float, object]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model")
-    ap.add_argument("--preset", help="a random-weight model of bench/gpu_serving.py's presets instead of --model")
+    ap.add_argument("--preset", help="a random-weight model of bench/common.py's PRESETS instead of --model")
     ap.add_argument("--plan")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--prompt", type=int, default=512)
@@ -68,15 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     from kvtool.search.layouts import layout_plan
 
     if a.preset:
-        import importlib.util
-        from pathlib import Path
-
-        spec = importlib.util.spec_from_file_location("gpu_serving", Path(__file__).with_name("gpu_serving.py"))
-        gs = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gs)
         device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = gs.build_model(a.preset, device, dtype, a.prompt + a.new + 8)
+        model = build_model(a.preset, device, dtype, a.prompt + a.new + 8)
     else:
         model, _ = kvtool.load(a.model, dtype=a.dtype, device=a.device)
     L = model.config.num_hidden_layers
@@ -95,23 +91,20 @@ def main(argv: list[str] | None = None) -> dict:
              ("static", lambda: StaticCache(config=model.config, max_cache_len=max_len), eager_step)]
     if compiled is not None:
         cases.append(("static+compile", lambda: StaticCache(config=model.config, max_cache_len=max_len), compiled))
-    times: dict[str, list[float]] = {}
-    alloc: dict[str, int] = {}
-    tokens: dict[str, object] = {}
-    for r in range(a.repeats + 1):  # the first round warms up (and compiles)
-        for variant in ("base", "shared") if r % 2 == 0 else ("shared", "base"):
-            ctx = sharing(model, plan) if variant == "shared" else torch.no_grad()
-            with ctx:
-                for name, make, step in cases:
-                    cache = make()
-                    secs, toks = decode_run(model, ids, a.new, cache, step)
-                    key = f"{variant}/{name}"
-                    if r == 0:
-                        tokens[key] = toks
-                        if name != "dynamic":
-                            alloc[variant] = sum(layer_bytes(cache))
-                        continue
-                    times.setdefault(key, []).append(secs)
+    def one_round(variant: str) -> dict[str, tuple[float, object, int]]:
+        """Each cache once under ``variant``: (decode seconds, greedy tokens, allocated KV bytes)."""
+        with sharing(model, plan) if variant == "shared" else torch.no_grad():
+            got = {}
+            for name, make, step in cases:
+                cache = make()
+                secs, toks = decode_run(model, ids, a.new, cache, step)
+                got[name] = (secs, toks, sum(layer_bytes(cache)))
+            return got
+
+    rounds = alternate(one_round, ("base", "shared"), a.repeats, warmup=1)  # the warm-up round also compiles
+    times = {f"{v}/{name}": [x[name][0] for x in rs] for v, rs in rounds.items() for name, _, _ in cases}
+    tokens = {f"{v}/{name}": rs[0][name][1] for v, rs in rounds.items() for name, _, _ in cases}
+    alloc = {v: rs[0]["static"][2] for v, rs in rounds.items()}
     agree = {}  # every cache (and compile) decodes the same greedy tokens; bf16 kernels may round differently
     for variant in ("base", "shared"):
         ref = tokens[f"{variant}/dynamic"]
@@ -123,9 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     assert alloc["base"] == L * max_len * entry_bytes(model, a.batch), "static cache allocation differs from L x len"
     assert alloc["shared"] == owners * max_len * entry_bytes(model, a.batch), "static cache holds consumer slots"
     tok_s = {k: a.batch * a.new / statistics.median(v) for k, v in times.items()}
+    # shared/base decode speed: ratio of the medians, and the range of the rounds' ratios (paired by round)
+    ratios = {name: ratio_spread(times[f"shared/{name}"], times[f"base/{name}"]) for name, _, _ in cases}
     report = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "layers": L,
               "consumers": len(plan.consumers), "batch": a.batch, "prompt": a.prompt, "new": a.new,
-              "static_alloc_bytes": alloc, "decode_tok_s": tok_s, "token_agreement_with_dynamic": agree,
+              "static_alloc_bytes": alloc, "decode_tok_s": tok_s,
+              "decode_s": {k: spread(v).to_dict() for k, v in times.items()},
+              "decode_shared_over_base": {k: r.to_dict() for k, r in ratios.items()},
+              "token_agreement_with_dynamic": agree,
               "repeats": a.repeats}
     print(f"{report['device']}: {len(plan.consumers)}/{L} layers shared, batch {a.batch}, {a.prompt} prompt + "
           f"{a.new} new tokens, median of {a.repeats}")
@@ -134,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'decode tokens/s':<18}{'base':>10}{'shared':>10}{'shared/base':>13}")
     for name, _, _ in cases:
         b, s = tok_s[f"base/{name}"], tok_s[f"shared/{name}"]
-        print(f"{name:<18}{b:>10.1f}{s:>10.1f}{s / b:>13.3f}")
+        r = ratios[name]
+        print(f"{name:<18}{b:>10.1f}{s:>10.1f}{s / b:>13.3f}" +
+              (f"  (rounds {r.low:.3f}–{r.high:.3f})" if r.n > 1 else ""))
     for variant in ("base", "shared"):
         ratio = tok_s[f"{variant}/static"] / tok_s[f"{variant}/dynamic"]
         print(f"{variant}: static / dynamic decode speed {ratio:.3f}")
