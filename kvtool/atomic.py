@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -75,7 +76,9 @@ def write_failure(path: Path, e: BaseException) -> BaseException:
     """A write that the OS or a writer refused (disk full, permission, read-only, a file in the way) as one line
     naming ``path``; anything else (a bug, Ctrl-C) as it is."""
     if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
-        reason = (e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)).rstrip(".")
+        code = re.search(r"\(os error (\d+)\)|code: (\d+)", str(e))  # how safetensors' Rust writer words it
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                  os.strerror(int(code[1] or code[2])) if code else first_line(e)).rstrip(".")
         return KvtoolError(f"cannot write {path}: {reason}; nothing was written")
     return e
 

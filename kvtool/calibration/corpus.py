@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kvtool.atomic import write_json_atomic
+from kvtool.atomic import write_failure, write_json_atomic
 from kvtool.compat import cache_kwargs
 from kvtool.data.chat import has_chat_template, render_messages
 from kvtool.data.texts import read_texts, token_stream
@@ -239,6 +239,9 @@ def _save_shard(path: Path, ids, mask, top, logp) -> None:
         save_file({"ids": ids.int().contiguous(), "mask": mask.to(torch.uint8).contiguous(),
                    "top": top.int().contiguous(), "logp": logp.half().contiguous()}, str(tmp))
         tmp.replace(path)
-    except OSError as e:
+    except BaseException as e:  # safetensors' writer raises its own SafetensorError on a full disk
         tmp.unlink(missing_ok=True)
-        raise KvtoolError(f"cannot write the corpus shard {path}: {e.strerror or e}") from e
+        err = write_failure(path, e)
+        if err is e:
+            raise
+        raise err from e

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from kvtool.atomic import write_failure
 from kvtool.crosslayer.kv_check import check_kv_in_effect
 from kvtool.crosslayer.runtime import active_plan, apply_sharing, sharing_state
 from kvtool.errors import KvtoolError, first_line
@@ -92,7 +93,10 @@ def convert_gguf(gguf: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     quiet_transformers()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failure(target, e) from e
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -106,7 +110,10 @@ def convert_gguf(gguf: Path) -> Path:
             with contextlib.suppress(AttributeError):
                 delattr(cfg, "quantization_config")
     model.config.name_or_path = gguf.name.removesuffix(".gguf")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as e:
+        raise write_failure(target, e) from e
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -115,9 +122,12 @@ def convert_gguf(gguf: Path) -> Path:
             os.replace(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        err = write_failure(target, e)  # a full or read-only cache: one line naming it
+        if err is e:
+            raise
+        raise err from e
     return target
 
 
