@@ -2,7 +2,7 @@
 compare rows of one run). For each setting: wall time, time per phase (local error scores, layer forwards, LM head,
 KL), the map, its calibration KL and its held-out perplexity (pydoc split).
 
-    python bench/search_speed.py [--calib DIR] [--target 0.3] [--variant NAME=k=v,k=v ...]
+    python bench/search_speed.py [--calib DIR] [--target 0.3] [--variant NAME=k:v,k:v ...]
 
 Default variants: the search as it was (the model's own float32, batch 16) and today's default (bfloat16 scoring on a
 CPU that runs it natively, batch 32).
@@ -12,29 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
-
-def parse_variant(text: str) -> tuple[str, dict]:
-    name, _, kv = text.partition("=")
-    out: dict = {}
-    for item in filter(None, kv.split(",")):
-        k, _, v = item.partition(":")
-        out[k] = json.loads(v)
-    return name, out
-
-
-def pick_methods(defaults: dict[str, dict], specs: list[str], only: str | None) -> dict[str, dict]:
-    """``defaults`` plus the ``NAME=k:v,...`` variants in ``specs``, narrowed to the comma-separated ``only``."""
-    methods = {**defaults, **dict(parse_variant(m) for m in specs)}
-    return {k: methods[k] for k in only.split(",")} if only else methods
-
+from common import parse_variant, score_plan, timed_search
 
 DEFAULTS = ['fp32-b16=precision:"model",batch_size:16', "default="]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--calib", help="calibration directory (default: calibrate the embedded model here)")
     ap.add_argument("--target", type=float, default=0.3)
     ap.add_argument("--variant", action="append", help="NAME=key:value,key:value (SearchSettings fields)")
@@ -43,29 +28,23 @@ def main() -> None:
     import torch
 
     import kvtool
-    from kvtool.crosslayer.runtime import sharing
     from kvtool.data.texts import heldout_chunks
     from kvtool.formats.stats import CalibrationStats
     from kvtool.metrics import perplexity
-    from kvtool.search import search
-    from kvtool.search.compare import calibration_metrics
 
     torch.set_num_threads(2)
-    model, tok = kvtool.load()
-    stats = CalibrationStats.load(a.calib) if a.calib else kvtool.calibrate(model, tokenizer=tok)
+    stats = CalibrationStats.load(a.calib) if a.calib else None
+    model, tok = kvtool.load(None if stats is None else stats.meta.get("model"))
+    stats = stats or kvtool.calibrate(model, tokenizer=tok)
     heldout = heldout_chunks(tok).input_ids
     base_ppl, _ = perplexity(model, heldout)
     rows = []
     for name, kw in map(parse_variant, a.variant or DEFAULTS):
-        t = time.perf_counter()
-        r = search(stats, model=model, target=a.target, **kw)
-        secs = time.perf_counter() - t
-        _, kl = calibration_metrics(model, stats, r.plan)
-        with sharing(model, r.plan):
-            ppl, _ = perplexity(model, heldout)
+        r, secs = timed_search(stats, model, target=a.target, **kw)
+        sc = score_plan(model, tok, r.plan, heldout, stats=stats)
         rows.append({"variant": name, "settings": kw, "seconds": round(secs, 1),
-                     "phases": {k: round(v, 1) for k, v in r.phases.items()}, "calib_kl": round(kl, 4),
-                     "heldout_ppl": round(ppl, 2), "ppl_ratio": round(ppl / base_ppl, 3),
+                     "phases": {k: round(v, 1) for k, v in r.phases.items()}, "calib_kl": round(sc["calib_kl"], 4),
+                     "heldout_ppl": round(sc["ppl"], 2), "ppl_ratio": round(sc["ppl"] / base_ppl, 3),
                      "map": r.plan.describe()})
         print(json.dumps(rows[-1]), flush=True)
     print(f"{'variant':<16} {'s':>6} {'local':>6} {'layers':>7} {'head':>6} {'KL':>6} {'calib KL':>9} {'ppl':>7} "
