@@ -16,10 +16,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from search_speed import pick_methods  # bench/ is on the path when run as a script
+from common import pick_methods, score_plan, timed_search
 
 METHODS = {
     "layer path": {},
@@ -46,16 +45,12 @@ def main() -> None:
 
     import torch
 
-    from kvtool.crosslayer.kv_check import check_kv_in_effect
-    from kvtool.crosslayer.runtime import sharing
     from kvtool.data.passkey import build_cases, even_depths
     from kvtool.data.texts import heldout_chunks
     from kvtool.evaluation.passkey import passkey_accuracy
     from kvtool.formats.stats import CalibrationStats
     from kvtool.io.loading import load
     from kvtool.metrics import perplexity
-    from kvtool.search.compare import calibration_metrics
-    from kvtool.search.search import search
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -83,20 +78,13 @@ def main() -> None:
         for t in targets:
             if (name, t) in done:
                 continue
-            t0 = time.perf_counter()
-            r = search(st, model=model, target=t, **kw)
-            secs = time.perf_counter() - t0
-            plan = r.plan
-            with torch.no_grad():
-                cos, kl = calibration_metrics(model, st, plan)
-                with sharing(model, plan):
-                    ppl = perplexity(model, held)[0]
-                    kv = check_kv_in_effect(model, 64)
-                    pk = passkey_accuracy(model, tok, cases)
-            row = {"method": name, "settings": kw, "target": t, "kv_removed": plan.details["kv_bytes_removed"],
-                   "kv_held": kv, "ppl": ppl, "ppl_ratio": ppl / base_ppl, "calib_kl": kl, "calib_cosine": cos,
-                   "passkey_1024": pk, "search_s": round(secs, 1), "map": plan.describe(),
-                   "k_source_layers": plan.k_sources, "v_source_layers": plan.v_sources}
+            r, secs = timed_search(st, model, target=t, **kw)
+            plan, sc = r.plan, score_plan(model, tok, r.plan, held, stats=st, cases=cases)
+            ppl, kv, kl, pk = sc["ppl"], sc["kv_held"], sc["calib_kl"], sc["passkey"]
+            row = {"method": name, "settings": kw, "target": t, "kv_removed": sc["kv_removed"],
+                   "kv_held": kv, "ppl": ppl, "ppl_ratio": ppl / base_ppl, "calib_kl": kl,
+                   "calib_cosine": sc["calib_cosine"], "passkey_1024": pk, "search_s": round(secs, 1),
+                   "map": plan.describe(), "k_source_layers": plan.k_sources, "v_source_layers": plan.v_sources}
             report["rows"].append(row)
             save()
             print(f"{name:26s} {t:.0%}: removed {row['kv_removed']:.3f} (held {kv:.3f}), ppl {ppl:.2f} "
