@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from search_speed import pick_methods  # bench/ is on the path when run as a script
+from common import pick_methods, removed_share, timed_search
 
 METHODS = {"path": {}}  # more with --method, e.g. "refine 16=refine:16" or "refine 16 + holdout=refine:16,..."
 
@@ -57,7 +57,6 @@ def main() -> None:
     from kvtool.io.loading import load
     from kvtool.metrics import kl_per_sample, logits_from_hidden, nll_sum
     from kvtool.search.moves import Goal, Move, apply_move, identity
-    from kvtool.search.search import search
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -115,6 +114,7 @@ def main() -> None:
                                      f"{torch.get_num_threads()} threads")
                 save()
         cal = {k: st.meta[k] for k in ("data", "samples", "seq_len")}
+        types, sliding = list(st.meta["layer_types"]), getattr(model.config, "sliding_window", None)
         for mname, kw in methods.items():
             todo = [t for t in targets if (cname, mname, t) not in done]
             if not todo:
@@ -122,10 +122,9 @@ def main() -> None:
             if _is_plain_path(kw) and not a.separate:
                 stamps: list[tuple[float, dict]] = []
                 t0 = time.perf_counter()
-                r = search(st, model=model, target=max(todo), **kw,
-                           on_try=lambda rec, out=stamps: out.append((time.perf_counter(), rec)))
-                units = tensor_units(list(st.meta["layer_types"]), getattr(model.config, "sliding_window", None),
-                                     r.plan.details["context"])
+                r, total = timed_search(st, model, target=max(todo), **kw,
+                                        on_try=lambda rec, out=stamps: out.append((time.perf_counter(), rec)))
+                units = tensor_units(types, sliding, r.plan.details["context"])
                 accepted = [(ts, Move(rec["j"], rec["tensors"], rec["i"]), rec["score"]) for ts, rec in stamps
                             if rec["accepted"]]
                 runs = []
@@ -136,16 +135,18 @@ def main() -> None:
                         if goal.reached(src):
                             break
                         src, secs, kl = apply_move(src, m), ts - t0, score
-                    plan = SharingPlan.from_tensors(list(src[0]), list(src[1]))
-                    runs.append((t, plan, secs if t < max(todo) else r.seconds, goal.fraction(src), kl))
+                    plan = SharingPlan.from_tensors(list(src[0]), list(src[1]), layer_types=types)
+                    plan.details["context"] = r.plan.details["context"]
+                    runs.append((t, plan, secs if t < max(todo) else total, kl))
             else:
                 runs = []
                 for t in todo:
-                    r = search(st, model=model, target=t, **kw)
-                    runs.append((t, r.plan, r.seconds, r.plan.details["kv_bytes_removed"], r.plan.score))
-            for t, plan, secs, removed, kl in runs:
+                    r, secs = timed_search(st, model, target=t, **kw)
+                    runs.append((t, r.plan, secs, r.plan.score))
+            for t, plan, secs, kl in runs:
                 row = {"calib": cname, "calibration": cal, "method": mname, "settings": kw, "target": t,
-                       "kv_removed": removed, "search_s": round(secs, 1), "calib_kl": kl, **measure(plan)}
+                       "kv_removed": removed_share(plan, sliding), "search_s": round(secs, 1), "calib_kl": kl,
+                       **measure(plan)}
                 report["rows"].append(row)
                 save()
                 print(f"{cname:14s} {mname:22s} {t:.0%}: ppl {row['ppl']:.2f} ({row['ppl_ratio']:.2f}x), ppl64 "
