@@ -21,6 +21,14 @@ KVTOOL = str(Path(KVTOOL_PYTHON).with_name("kvtool"))
 KV_MEMORY = 16 * 2**20
 MAX_LEN = 128
 _RESULTS: dict[tuple, dict] = {}
+# fixtures that start processes (kvtool's fixture tree, the SmolLM2 export, a server): their tests are `slow`
+SLOW_FIXTURES = frozenset({"fx", "smollm2", "server"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
