@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 
 import torch
+from common import score_plan, timed_search
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib", required=True)
     ap.add_argument("--targets", default="0.1,0.2,0.3")
     ap.add_argument("--orders", default="dissimilar,similar,random,local,best-first")
@@ -29,53 +29,42 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     import kvtool
-    from kvtool.crosslayer.runtime import active_plan
+    from kvtool.data.passkey import build_cases
     from kvtool.data.texts import heldout_chunks
-    from kvtool.evaluation.passkey import passkey
-    from kvtool.evaluation.variants import Variants
+    from kvtool.evaluation.passkey import passkey_accuracy
     from kvtool.formats.stats import CalibrationStats
     from kvtool.heal import HealSettings, heal
     from kvtool.metrics import perplexity
-    from kvtool.search import search
-    from kvtool.search.compare import calibration_metrics
 
     stats = CalibrationStats.load(a.calib)
-    model, tok = kvtool.load()
+    model, tok = kvtool.load(stats.meta.get("model"))
     held = heldout_chunks(tok).input_ids
+    cases = build_cases(tok, (1024,), (0.1, 0.5, 0.9))
     base_ppl, _ = perplexity(model, held)
-    v = Variants(model, tok, kvtool.SharingPlan.identity(30))
-    base_pk = passkey(v, (1024,), (0.1, 0.5, 0.9), ("base",))["accuracy"]["base"]["1024"]
+    base_pk = passkey_accuracy(model, tok, cases)
     rows = []
 
-    def measure(plan, m=model, t=tok):
-        cos, kl = calibration_metrics(m, stats, plan)
-        vv = Variants(m, t, plan)
-        with kvtool.sharing(m, plan):
-            ppl, _ = perplexity(m, held)
-        pk = passkey(vv, (1024,), (0.1, 0.5, 0.9), ("shared",))["accuracy"]["shared"]["1024"]
-        return {"calib_cosine": cos, "calib_kl": kl, "ppl": ppl, "ppl_x_base": ppl / base_ppl, "passkey_1024": pk}
+    def measure(plan, m=model, t=tok, st=stats) -> dict:
+        """``score_plan``'s calibration cosine/KL (with ``st``), held-out perplexity and passkey@1024."""
+        sc = score_plan(m, t, plan, held, stats=st, cases=cases)
+        return {**({"calib_cosine": sc["calib_cosine"], "calib_kl": sc["calib_kl"]} if st is not None else {}),
+                "ppl": sc["ppl"], "ppl_x_base": sc["ppl"] / base_ppl, "passkey_1024": sc["passkey"]}
 
     heal_t = {float(x) for x in a.heal_targets.split(",") if x}
     heal_o = set(a.heal_orders.split(",")) if a.heal_orders else None
     for target in [float(x) for x in a.targets.split(",")]:
         for order in a.orders.split(","):
-            t0 = time.time()
-            r = search(stats, model=model, target=target, order=order, beam=a.beam)
-            secs = time.time() - t0
+            r, secs = timed_search(stats, model, target=target, order=order, beam=a.beam)
             row = {"target": target, "order": order, "consumers": len(r.plan.consumers), "search_s": secs,
                    "validate": r.plan.details.get("validate"), "kv_source_layers": r.plan.kv_source_layers,
                    **measure(r.plan)}
             if target in heal_t and (heal_o is None or order in heal_o):
                 out = tempfile.mkdtemp() + "/healed"
-                fresh, ftok = kvtool.load()
+                fresh, ftok = kvtool.load(stats.meta.get("model"))
                 h = heal(r.plan, out=out, model=fresh, tokenizer=ftok, settings=HealSettings(tokens=a.heal_tokens))
                 hm, ht = kvtool.load(out)
                 torch.manual_seed(0)
-                ppl_h, _ = perplexity(hm, held)
-                vv = Variants(hm, ht, active_plan(hm), shared_model=hm)
-                pk = passkey(vv, (1024,), (0.1, 0.5, 0.9), ("shared",))["accuracy"]["shared"]["1024"]
-                row["heal"] = {"ppl": ppl_h, "ppl_x_base": ppl_h / base_ppl, "seconds": h["seconds"],
-                               "steps_run": h["steps_run"], "passkey_1024": pk}
+                row["heal"] = {**measure(None, hm, ht, None), "seconds": h["seconds"], "steps_run": h["steps_run"]}
             rows.append(row)
             print(json.dumps({k: (round(x, 3) if isinstance(x, float) else x) for k, x in row.items()
                               if k != "kv_source_layers"}), flush=True)
