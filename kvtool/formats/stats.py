@@ -104,8 +104,11 @@ def _check_meta(p: Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor])
         if not isinstance(v, types) or isinstance(v, bool):
             raise KvtoolError(f"{p}/calibration.json: {key} must be {' or '.join(t.__name__ for t in types)}, "
                               f"got {type(v).__name__ if key in meta else 'nothing'}")
-    if meta.get("model") is not None and not isinstance(meta["model"], str):
-        raise KvtoolError(f"{p}/calibration.json: model must be a string or null")
+    for key, t in (("model", str), ("dtype", str), ("sliding_window", int), ("settings", dict)):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, t) or isinstance(v, bool)):
+            raise KvtoolError(f"{p}/calibration.json: {key} must be {'an object' if t is dict else t.__name__} "
+                              "or null")
     L = meta["num_layers"]
     if L < 1 or len(meta["layer_types"]) != L or not all(isinstance(t, str) for t in meta["layer_types"]):
         raise KvtoolError(f"{p}/calibration.json: layer_types must be {L} strings, one per layer")
