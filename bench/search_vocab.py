@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+
+from common import timed_search
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vocab", type=int, action="append")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
@@ -28,7 +29,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from kvtool.formats.stats import CalibrationStats
     from kvtool.io.fingerprint import model_fingerprint
     from kvtool.io.tiny import tiny_model
-    from kvtool.search import search
 
     torch.set_num_threads(2)
     rows = []
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "num_layers": a.layers, "layer_types": ["full_attention"] * a.layers, "data": "random",
                 "data_hash": "-", "samples": a.samples, "seq_len": a.seq_len, "seed": 0}
         stats = CalibrationStats(collect_stats(m, ids), meta)
-        t = time.perf_counter()
-        r = search(stats, model=m, target=0.3, threshold=100.0)
-        secs = time.perf_counter() - t
+        r, secs = timed_search(stats, m, target=0.3, threshold=100.0)
         rows.append({"vocab": vocab, "seconds": round(secs, 2), "candidates": len(r.tries),
                      "phases": {k: round(v, 2) for k, v in r.phases.items()}})
         print(json.dumps(rows[-1]), flush=True)
