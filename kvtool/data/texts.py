@@ -70,6 +70,10 @@ def read_texts(path: str | Path, tokenizer=None) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise KvtoolError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+            except ValueError as e:  # an integer past Python's digit limit
+                raise KvtoolError(f"{p}:{n}: not usable JSON ({str(e)[:80]})") from None
+            except RecursionError:
+                raise KvtoolError(f"{p}:{n}: nested too deeply to read") from None
             if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                 texts.append(obj["text"])
             elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
