@@ -42,12 +42,6 @@ class Spread:
     high: float
     n: int
 
-    def __format__(self, spec: str) -> str:
-        spec = spec or ".3f"
-        if self.n < 2:
-            return format(self.median, spec)
-        return f"{self.median:{spec}} (range {self.low:{spec}}–{self.high:{spec}})"
-
     def to_dict(self) -> dict[str, float]:
         return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
 
