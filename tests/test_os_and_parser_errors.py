@@ -120,10 +120,9 @@ def tmpfs(tmp_path):
 
 def _fill(d: Path, leave: int = 0) -> None:
     """Take every free block of d's file system but ``leave`` bytes (whole pages)."""
-    with open(d / ".fill", "wb") as f, contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), open(d / ".fill", "wb", buffering=0) as f:
         while True:
-            f.write(b"\0" * 65536)
-            f.flush()
+            f.write(b"\0" * 4096)
     if leave:
         os.truncate(d / ".fill", max(0, (d / ".fill").stat().st_size - leave))
 
@@ -275,35 +274,111 @@ def test_eval_plots_on_a_full_disk_or_a_file_is_one_line(tiny_dir, plan_file, ca
     assert (tmp_path / "plots").read_text() == "keep"
 
 
-def test_a_full_cache_while_sampling_the_corpus_is_one_line(tiny_dir, plan_file, tmpfs, tmp_path, monkeypatch):
+def _cache(tmpfs, how: str) -> tuple[Path, str]:
+    """$KVTOOL_CACHE on a full (but for ``leave`` bytes) or read-only tmpfs, and the reason the OS gives."""
     d = tmpfs("cache")
+    if how == "read-only":
+        _remount_ro(d)
+        return d, "Read-only file system"
     _fill(d, leave=8192)  # room for corpus.json, none for a shard
+    return d, "No space left on device"
+
+
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_a_full_or_read_only_cache_while_sampling_the_corpus_is_one_line(tiny_dir, plan_file, tmpfs, tmp_path,
+                                                                         monkeypatch, how):
+    d, reason = _cache(tmpfs, how)
     monkeypatch.setenv("KVTOOL_CACHE", str(d))
     r = CliRunner().invoke(app, ["heal", "--plan", str(plan_file), "--model", str(tiny_dir), "--tokens", "256",
                                  "--seq-len", "32", "--out", str(tmp_path / "healed")])
-    _one_line(r, str(d / "corpus"), "No space left on device")
+    _one_line(r, str(d / "corpus"), reason)
     assert not (tmp_path / "healed").exists()
-    assert [q.name for q in d.rglob("*") if q.suffix == ".tmp" or q.name.startswith(".")] == [".fill"]
+    assert [q.name for q in d.rglob("*") if q.suffix == ".tmp" or q.name.startswith(".")] in ([".fill"], [])
 
 
 @pytest.mark.slow  # the guard in conftest counts any convert_gguf call (here on a tiny model, seconds)
-def test_a_full_cache_while_converting_a_gguf_is_one_line(tiny_dir, tmpfs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_a_full_or_read_only_cache_while_converting_a_gguf_is_one_line(tiny_dir, tmpfs, tmp_path, monkeypatch, how):
     import transformers
-
-    from kvtool.io import loading
 
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF")
     for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):  # the GGUF reader is not the point
         real = auto.from_pretrained
         monkeypatch.setattr(auto, "from_pretrained", lambda *a, _real=real, **k: _real(str(tiny_dir)))
-    d = tmpfs("cache")
-    _fill(d)
+    d, reason = _cache(tmpfs, how)
+    if how == "full":
+        (d / "models").mkdir()
     monkeypatch.setenv("KVTOOL_CACHE", str(d))
     r = CliRunner().invoke(app, ["generate", str(gguf), "hi", "--max-new-tokens", "1"])
-    _one_line(r, str(d / "models"), "No space left on device")
+    _one_line(r, str(d / "models"), reason)
     assert not (d / "models").exists() or [q.name for q in (d / "models").iterdir()] == []
-    assert loading is not None
+
+
+@pytest.mark.parametrize("command", ["calibrate", "export"])
+def test_force_over_an_output_on_a_full_disk_keeps_the_old_one(tiny_dir, plan_file, tmpfs, command):
+    kind, args = _commands(tiny_dir, plan_file, None)[command]
+    d = tmpfs("full")
+    (d / "out").mkdir()
+    (d / "out" / "old.txt").write_text("old")
+    _fill(d)
+    _one_line(CliRunner().invoke(app, [*args(d / "out"), "--force"]), f"cannot write {d / 'out'}",
+              "No space left on device")
+    assert [q.name for q in (d / "out").iterdir()] == ["old.txt"] and (d / "out" / "old.txt").read_text() == "old"
+    assert _left_over(d, d / "out") == ["out"]
+
+
+def test_a_failed_final_rename_restores_the_old_output(tiny_dir, plan_file, tmp_path, monkeypatch):
+    from kvtool import atomic
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == tmp_path / "out" and Path(src).name.endswith(".tmp"):
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    r = CliRunner().invoke(app, ["export", "--plan", str(plan_file), "--model", str(tiny_dir), "--out",
+                                 str(tmp_path / "out"), "--force"])
+    _one_line(r, f"cannot write {tmp_path / 'out'}: Input/output error")
+    assert [q.name for q in (tmp_path / "out").iterdir()] == ["old.txt"]
+    assert _left_over(tmp_path, tmp_path / "out") == ["out"]
+
+
+def test_an_unreadable_input_is_one_line_naming_it(tiny_dir, plan_file, cal_dir, tmp_path, monkeypatch):
+    """Each JSON reader, on a file it may not read (mode 000; as root, which reads it anyway, a patched open)."""
+    import shutil
+
+    from kvtool.io.export import export
+
+    exp = export(plan_file, out=tmp_path / "exp", model=str(tiny_dir))
+    cal = _copy_cal(cal_dir, tmp_path / "cal")
+    plan = tmp_path / "plan.json"
+    shutil.copy(plan_file, plan)
+    locked = [plan, exp / SIDECAR, cal / "calibration.json"]
+    for f in locked:
+        f.chmod(0)
+    if os.geteuid() == 0:
+        real = Path.open
+
+        def refuse(self, *a, **k):
+            if self in locked:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(Path, "open", refuse)
+    runner = CliRunner()
+    _one_line(runner.invoke(app, ["export", "--plan", str(plan), "--model", str(tiny_dir), "--out",
+                                  str(tmp_path / "o")]), f"cannot read {plan}: Permission denied")
+    _one_line(runner.invoke(app, ["generate", str(exp), "hi"]), f"cannot read {exp / SIDECAR}: Permission denied")
+    _one_line(runner.invoke(app, ["export", "--recipe", str(exp / SIDECAR), "--out", str(tmp_path / "o")]),
+              f"cannot read {exp / SIDECAR}: Permission denied")
+    _one_line(runner.invoke(app, ["search", "--stats", str(cal), "--out", str(tmp_path / "p.json")]), str(cal),
+              "Permission denied")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "p.json").exists()
 
 
 # --- valid JSON, absurd content: a number past Python's digit limit, a huge file, wrong types deep inside ---------
