@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -470,3 +471,28 @@ def test_an_exports_config_json_that_is_absurd_is_one_line(tiny_dir, plan_file, 
     exp = export(plan_file, out=tmp_path / "exp", model=str(tiny_dir))
     (exp / "config.json").write_text(config)
     _one_line(CliRunner().invoke(app, ["generate", str(exp), "hi", "--max-new-tokens", "1"]), "config.json")
+
+
+@pytest.mark.parametrize("errno", [13, 20, 21, 28, 30, 122])  # EACCES ENOTDIR EISDIR ENOSPC EROFS EDQUOT
+def test_each_write_the_os_refuses_is_one_kvtool_error_and_leaves_nothing(tmp_path, monkeypatch, errno):
+    from kvtool import atomic
+
+    def refuse(*a, **k):
+        raise OSError(errno, os.strerror(errno))
+
+    class SafetensorError(Exception):
+        pass
+
+    def says(name: str) -> str:
+        return re.escape(f"cannot write {tmp_path / name}: {os.strerror(errno)}; nothing was written")
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, "fsync", refuse)
+        with pytest.raises(KvtoolError, match=says("f.json")):
+            atomic.write_json_atomic(tmp_path / "f.json", {"a": 1})
+    with pytest.raises(KvtoolError, match=says("d")), atomic.atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "x").write_text("partial")
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(errno)} (os error {errno})")
+    with pytest.raises(KeyError), atomic.atomic_dir(tmp_path / "d"):  # a bug is not reworded
+        raise KeyError("x")
+    assert list(tmp_path.iterdir()) == []
