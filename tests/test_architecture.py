@@ -18,6 +18,7 @@ def graph():
     return grimp.build_graph("kvtool")
 
 
+@pytest.mark.slow
 def test_layers_contract_is_kept():
     r = subprocess.run([str(Path(sys.executable).with_name("lint-imports"))], cwd=ROOT, capture_output=True,
                        text=True)
@@ -75,6 +76,7 @@ def test_no_import_cycles(graph):
     assert importers == set(), f"modules import the kvtool package root: {sorted(importers)}"
 
 
+@pytest.mark.slow
 def test_cli_help_imports_neither_torch_nor_transformers():
     code = ("import sys; from kvtool.cli import app; from typer.testing import CliRunner; "
             "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
