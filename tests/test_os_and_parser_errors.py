@@ -1,5 +1,12 @@
-"""What the OS and the parsers throw becomes one ``error:`` line, exit 2, naming the path, with nothing left behind:
-a full disk while exporting or calibrating (a patched writer), and JSON too deep to parse in every reader."""
+"""What the OS and the parsers throw becomes one ``error:`` line, exit 2, naming the path, with nothing left behind.
+
+Outputs (calibrate's directory, search's plan, export, heal, compress, eval's --json, the sidecar update after eval,
+plots, the $KVTOOL_CACHE corpus and GGUF conversion): a file above the output, no permission, a read-only file system
+and the wrong kind are refused before any work; a full or read-only file system (a real tmpfs where this runs as
+root, else skipped: the patched-writer test stands in) fails the write without leaving a temporary or damaging an
+older output. Inputs: unreadable, too deep, too long a number, too large, wrong types (see also
+test_formats_properties.py). All through the CLI in-process, on tiny random models.
+"""
 
 from __future__ import annotations
 
