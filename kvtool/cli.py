@@ -168,7 +168,8 @@ def search(
     distance: Annotated[str, typer.Option(help="euclidean (paper), kvsharer (official code) or cosine")] = "euclidean",
     validate: Annotated[str | None, typer.Option(help="cosine (paper; default for distance orders) or kl "
                                                       "(default for local and best-first)")] = None,
-    beam: Annotated[int, typer.Option(min=1, help="best-first: candidate moves scored per partial map and step")] = 4,
+    pool: Annotated[int, typer.Option(min=1, help="best-first: candidate moves scored per partial map and step")] = 4,
+    beam: Annotated[int | None, typer.Option(min=1, hidden=True, help="deprecated: --pool")] = None,
     layout: Annotated[str | None, typer.Option(help="fixed layout instead of a search: adjacent, tail, "
                                                     "grouped")] = None,
     group_size: Annotated[int, typer.Option(help="layers per group for --layout grouped")] = 4,
@@ -198,35 +199,40 @@ def search(
         return
     if out_path is None:
         _fail("give --out plan.json (or --compare)")
+    if beam is not None:  # 0.x spelling, kept for one release
+        err.print("[yellow]warning:[/] --beam is deprecated and will be removed in the next release; use --pool "
+                  "(--beam-width is the beam)")
+        pool = beam
     import time
 
     from kvtool.formats.recipe import SearchSettings
     from kvtool.search.search import search as run
+    from kvtool.search.strategy import Try
 
     settings = SearchSettings(target=target, layers=layers, threshold=threshold, order=order, distance=distance,
-                              validate=validate, beam=beam, seed=seed, layout=layout, group_size=group_size,
+                              validate=validate, pool=pool, seed=seed, layout=layout, group_size=group_size,
                               merge_budget=merge_budget, merge_method=merge_method or "kvmerger",
                               merge_allocation=merge_allocation, granularity=granularity, beam_width=beam_width,
                               refine=refine, holdout=holdout, context=context, allow_partial=allow_partial)
     t0, tried = time.time(), [0]
 
-    def on_try(r: dict) -> None:
+    def on_try(r: Try) -> None:
         tried[0] += 1
-        mark = "[green]kept[/]" if r["accepted"] else "[dim]rejected[/]"
+        mark = "[green]kept[/]" if r.accepted else "[dim]rejected[/]"
         el = time.time() - t0
-        eta = (f", ETA ~{el / r['removed'] * (r['needed'] - r['removed']):.0f} s"
-               if r["accepted"] and 0 < r["removed"] < r["needed"] else "")
-        out.print(f"  [{tried[0]:>3} tried, {r['removed']:.0%}/{r['needed']:.0%} of KV bytes, {el:.0f} s{eta}]  "
-                  f"{r['move']:<12} score {r['score']:.4f} {mark}", highlight=False)
+        eta = (f", ETA ~{el / r.removed * (r.needed - r.removed):.0f} s"
+               if r.accepted and 0 < r.removed < r.needed else "")
+        out.print(f"  [{tried[0]:>3} tried, {r.removed:.0%}/{r.needed:.0%} of KV bytes, {el:.0f} s{eta}]  "
+                  f"{r.move:<12} score {r.score:.4f} {mark}", highlight=False)
 
     res = run(stats, model=model, settings=settings, out=out_path, force=force, dtype=dtype, device=device,
               on_try=on_try, warn=lambda m: err.print(f"[yellow]warning:[/] {m}"))
     p = res.plan
-    det = p.details
-    score = "" if p.score is None else f", calibration {det.get('validate', 'score')} {p.score:.4f}"
+    measured = p.details["measured"]
+    score = "" if p.score is None else f", calibration {measured['validate']} {p.score:.4f}"
     tried = f" after {len(res.tries)} tries" if res.tries else ""
-    removed = det.get("kv_bytes_removed", 1 - p.kv_fraction)
-    out.print(f"{p.describe()}{tried}{score}; {removed:.1%} of the KV bytes removed, {res.seconds:.1f} s")
+    out.print(f"{p.describe()}{tried}{score}; {measured['kv_bytes_removed']:.1%} of the KV bytes removed "
+              f"({p.method}), {res.seconds:.1f} s")
     out.print(f"wrote {out_path}")
     if res.partial:
         raise typer.Exit(3)
@@ -308,7 +314,9 @@ def compress(
     p = run(model, out=out_dir, calibration=CalibrationSettings(data=data, samples=samples, seq_len=seq_len),
             search_settings=SearchSettings(target=target, order=order), dtype=dtype, device=device, force=force,
             log=lambda m: out.print(f"[dim]· {m}[/]"))
-    out.print(f"{p.describe()}; KV kept {p.kv_fraction:.2f} of base; wrote {out_dir}")
+    removed = p.details["measured"]["kv_bytes_removed"]
+    out.print(f"{p.describe()}; {removed:.1%} of the KV bytes removed ({1 - removed:.2f} of base kept); wrote "
+              f"{out_dir}")
 
 
 @app.command()
@@ -390,114 +398,150 @@ def generate(
         device=device, merge=merge, on_text=lambda t: print(t, end="", flush=True))
 
 
-@app.command(name="eval")
+# The spellings `kvtool eval` had before `--set`: each sets these task options.
+EVAL_ALIASES: dict[str, tuple[str, ...]] = {
+    "--ppl-samples": ("ppl.samples", "fidelity.samples"),
+    "--ppl-seq-len": ("ppl.seq_len", "fidelity.seq_len"),
+    "--passkey-lengths": ("passkey.lengths",),
+    "--speed-batch": ("memory.batch", "speed.batch"),
+    "--speed-prompt": ("memory.prompt", "speed.prompt"),
+    "--speed-new": ("memory.new", "speed.new"),
+    "--repeats": ("memory.repeats", "speed.repeats"),
+    "--merge-methods": ("merge.methods",),
+    "--merge-length": ("merge.length",),
+    "--merge-depths": ("merge.depths",),
+    "--merge-ppl-samples": ("merge.ppl_samples",),
+    "--serve-prompt": ("serve.prompt",),
+    "--serve-new": ("serve.new",),
+    "--serve-repeats": ("serve.repeats",),
+    "--kv-cache-memory": ("engine.kv_memory",),
+    "--kv-cache-dtypes": ("engine.kv_dtypes",),
+    "--engine-prompt": ("engine.prompt",),
+    "--engine-new": ("engine.new",),
+    "--tensor-parallel-size": ("engine.tensor_parallel",),
+    "--lm-eval-limit": ("lm_eval.limit",),
+}
+
+
+def split_eval_args(args: list[str]) -> tuple[Path | None, list[str]]:
+    """The export directory and the ``--set`` items of ``kvtool eval``'s free arguments: at most one directory, and
+    the ``EVAL_ALIASES`` spellings (``--repeats 3`` or ``--repeats=3``)."""
+    export_dir: Path | None = None
+    sets: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a.startswith("-"):
+            flag, eq, value = a.partition("=")
+            if flag not in EVAL_ALIASES:
+                raise KvtoolError(f"kvtool eval has no option {flag} (`kvtool eval --help`; task options: "
+                                  "`kvtool eval --list-options`)")
+            if not eq:
+                value = next(it, None)
+                if value is None:
+                    raise KvtoolError(f"{flag} needs a value")
+            sets += [f"{k}={value}" for k in EVAL_ALIASES[flag]]
+        elif export_dir is None:
+            export_dir = Path(a)
+        else:
+            raise KvtoolError(f"one export directory at a time, got {export_dir} and {a}")
+    return export_dir, sets
+
+
+def parse_sets(items: list[str]) -> dict[str, dict[str, str]]:
+    """``{task: {option: text}}`` from ``--set TASK.OPTION=VALUE`` items."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        task, dot, name = key.strip().partition(".")
+        if not sep or not dot or not task or not name:
+            raise KvtoolError(f"--set {item!r}: write TASK.OPTION=VALUE, e.g. passkey.lengths=512,1024")
+        out.setdefault(task, {})[name] = value
+    return out
+
+
+@app.command(name="eval", context_settings={"ignore_unknown_options": True})
 @handle_errors
 def eval_(
-    export_dir: Annotated[Path | None, typer.Argument(help="a directory written by `kvtool export`")] = None,
+    args: Annotated[list[str] | None, typer.Argument(
+        metavar="EXPORT_DIR", show_default=False,
+        help="a directory written by `kvtool export`; the task options' older spellings (--ppl-samples N, "
+             "--repeats N, …, listed by --list-options) may stand here too")] = None,
     plan: Annotated[Path | None, typer.Option("--plan", "-p", help="evaluate this plan on its base model")] = None,
     plans: Annotated[list[Path] | None, typer.Option("--plans", help="several plans: perplexity vs KV bytes "
                                                                      "frontier (repeat the option)")] = None,
     model: ModelOpt = None,
-    tasks: Annotated[str, typer.Option(help="comma list of ppl,fidelity,generate,passkey,memory,speed,merge,serve "
-                                            "(merge runs when a budget is known; serve needs --kv-budget)")] =
-        "ppl,fidelity,generate,passkey,memory,speed,merge",
+    tasks: Annotated[str | None, typer.Option(help="comma list of tasks (default: ppl,fidelity,generate,passkey,"
+                                                   "memory,speed,merge; merge runs when a budget is known); "
+                                                   "--list-options lists them all")] = None,
+    full: Annotated[bool, typer.Option("--full", help="the whole prompt sets and more timed rounds (several "
+                                                      "minutes), not the quick defaults")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="a task option, TASK.OPTION=VALUE (repeat the "
+                                                                 "option); --list-options lists them")] = None,
+    list_options: Annotated[bool, typer.Option("--list-options", help="list the tasks and their options, then "
+                                                                      "exit")] = False,
     data: Annotated[str | None, typer.Option(help="held-out text (default: Python's pydoc topics, held-out "
                                                   "split)")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full report here")] = None,
     plots: Annotated[Path | None, typer.Option(help="directory for PNG plots")] = None,
     stats: Annotated[Path | None, typer.Option(help="calibration dir for the distance heatmap")] = None,
-    lm_eval: Annotated[str | None, typer.Option(
-        "--lm-eval", help="lm-evaluation-harness tasks, comma list, run offline on both models: kvtool_pydoc_ppl, "
-                          "kvtool_passkey, kvtool_pydoc_next (shipped) or any harness task whose data is in the "
-                          "local Hugging Face cache; needs pip install 'kvtool[eval]'")] = None,
-    lm_eval_limit: Annotated[int | None, typer.Option("--lm-eval-limit", min=1, help="at most N documents per "
-                                                                                      "lm-eval task")] = None,
     merge_budget: Annotated[list[float] | None, typer.Option(
         "--merge-budget", help="compare the merge methods (KVMerger, attnmerge, H2O and StreamingLLM eviction) at "
                                "this share of the prompt KV (repeat the option; default: the plan's merge "
                                "budget)")] = None,
-    merge_methods: Annotated[str | None, typer.Option(help="comma list of merge methods (default: every name in "
-                                                           "kvtool.METHODS)")] = None,
-    merge_length: Annotated[int, typer.Option(min=64, help="passkey prompt length for the merge task")] = 2048,
-    merge_depths: Annotated[int, typer.Option(min=1, help="passkey depths (evenly spaced) for the merge task")] = 10,
-    merge_ppl_samples: Annotated[int, typer.Option(min=1, help="long-context perplexity windows")] = 4,
-    ppl_samples: Annotated[int, typer.Option(min=1)] = 8,
-    ppl_seq_len: Annotated[int, typer.Option(min=8)] = 256,
-    passkey_lengths: Annotated[str, typer.Option(help="comma list of prompt lengths")] = "512,1024,2048",
-    speed_batch: Annotated[int, typer.Option(min=1)] = 4,
-    speed_prompt: Annotated[int, typer.Option(min=8)] = 512,
-    speed_new: Annotated[int, typer.Option(min=1)] = 32,
-    repeats: Annotated[int, typer.Option(min=1, help="memory/speed runs per variant")] = 2,
     kv_budget: Annotated[str | None, typer.Option(help="serve: the KV-cache memory each variant fills with its "
                                                        "largest batch, e.g. 256MiB (adds the serve task)")] = None,
-    serve_prompt: Annotated[int, typer.Option(min=2, help="serve: prompt tokens per sequence")] = 512,
-    serve_new: Annotated[int, typer.Option(min=1, help="serve: generated tokens per sequence")] = 64,
-    serve_repeats: Annotated[int, typer.Option(min=1, help="serve: timed runs per variant")] = 3,
+    lm_eval: Annotated[str | None, typer.Option(
+        "--lm-eval", help="lm-evaluation-harness tasks, comma list, run offline on both models: kvtool_pydoc_ppl, "
+                          "kvtool_passkey, kvtool_pydoc_next (shipped) or any harness task whose data is in the "
+                          "local Hugging Face cache; needs pip install 'kvtool[eval]'")] = None,
     engine: Annotated[str | None, typer.Option(help="'vllm': serve the export and its base in vLLM side by side "
                                                     "(KV blocks, concurrency, tokens/s, log-probabilities vs "
                                                     "kvtool.load); runs instead of --tasks")] = None,
-    kv_cache_memory: Annotated[str, typer.Option(help="engine: KV-cache memory of each vLLM engine")] = "256MiB",
-    kv_cache_dtypes: Annotated[str, typer.Option(help="engine: comma list of vLLM KV-cache dtypes to compare "
-                                                      "(auto = the model's; fp8, fp8_e4m3, fp8_e5m2)")] = "auto,fp8",
-    engine_prompt: Annotated[int, typer.Option(min=1, help="engine: prompt tokens per throughput request")] = 448,
-    engine_new: Annotated[int, typer.Option(min=1, help="engine: generated tokens per throughput request")] = 64,
-    tensor_parallel_size: Annotated[int, typer.Option(min=1, help="engine: vLLM tensor-parallel workers")] = 1,
     vllm_python: VllmPythonOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Quality, memory and speed of a shared model side by side with its base."""
-    from kvtool.data.passkey import even_depths
+    """Quality, memory and speed of a shared model side by side with its base (quick by default; --full for the
+    whole set)."""
+    from kvtool.errors import CheckFailed
     from kvtool.evaluation.evaluate import evaluate
-    from kvtool.evaluation.frontier import frontier
-    from kvtool.evaluation.serve import parse_size
-    from kvtool.evaluation.variants import EvalSettings
+    from kvtool.evaluation.frontier import frontier, frontier_table
+    from kvtool.evaluation.task import make_task
+    from kvtool.evaluation.tasks import TASKS, default_tasks
 
-    try:
-        lengths = tuple(int(x) for x in passkey_lengths.split(",") if x.strip())
-    except ValueError:
-        _fail(f"--passkey-lengths must be integers, got {passkey_lengths!r}")
-    settings = EvalSettings(ppl_samples=ppl_samples, ppl_seq_len=ppl_seq_len, passkey_lengths=lengths,
-                            speed_batch=speed_batch, speed_prompt=speed_prompt, speed_new=speed_new,
-                            speed_repeats=repeats, merge_passkey_length=merge_length,
-                            merge_passkey_depths=even_depths(merge_depths),
-                            merge_ppl_samples=merge_ppl_samples,
-                            merge_ppl_context=max(32, merge_length * 3 // 4), merge_ppl_new=max(8, merge_length // 4),
-                            serve_kv_budget=None if kv_budget is None else parse_size(kv_budget),
-                            serve_prompt=serve_prompt, serve_new=serve_new, serve_repeats=serve_repeats,
-                            engine_kv_memory=parse_size(kv_cache_memory),
-                            engine_kv_dtypes=tuple(x.strip() for x in kv_cache_dtypes.split(",") if x.strip()),
-                            engine_prompt=engine_prompt, engine_new=engine_new,
-                            engine_tensor_parallel=tensor_parallel_size)
-    for b in merge_budget or []:
-        if not 0 < b <= 1:
-            _fail(f"--merge-budget must be in (0, 1], got {b}")
-    log = lambda m: out.print(f"[dim]· {m}[/]")  # noqa: E731
-    if plans:
-        rep = frontier(plans, model=model, data=data, settings=settings, plots=plots, json_out=json_out, force=force,
-                       dtype=dtype, device=device, log=log)
-        out.print(f"base perplexity {rep['base_ppl']:.2f}")
-        if "plots" in rep:
-            out.print(f"frontier plot: {rep['plots']['frontier']}")
+    if list_options:
+        out.print(options_table(TASKS))
         return
-    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
-    if kv_budget is not None and "serve" not in task_list:
-        task_list = (*task_list, "serve")
+    export_dir, old_sets = split_eval_args(args or [])
+    options = parse_sets([*old_sets, *(set_ or [])])
+    task_list = list(default_tasks() if tasks is None else (t.strip() for t in tasks.split(",") if t.strip()))
+    if merge_budget:
+        options.setdefault("merge", {})["budgets"] = tuple(merge_budget)
+        options.setdefault("serve", {})["merge_budget"] = merge_budget[0]
+    if kv_budget is not None:
+        options.setdefault("serve", {})["kv_budget"] = kv_budget
+        task_list.append("serve")
+    if lm_eval:
+        options.setdefault("lm_eval", {})["tasks"] = lm_eval
+        task_list.append("lm_eval")
     if engine is not None:
         if engine != "vllm":
             _fail(f"--engine {engine!r}: the engine kvtool drives is vllm")
-        task_list = ("engine",)
-    from kvtool.errors import CheckFailed
-
+        task_list = ["engine"]
+    log = lambda m: out.print(f"[dim]· {m}[/]")  # noqa: E731
+    if plans:
+        ppl = make_task(TASKS["ppl"], options.get("ppl"), full)
+        rep = frontier(plans, model=model, data=data, settings=ppl, plots=plots, json_out=json_out, force=force,
+                       dtype=dtype, device=device, log=log)
+        out.print(frontier_table(rep))
+        if "plots" in rep:
+            out.print(f"frontier plot: {rep['plots']['frontier']}")
+        return
     try:
-        rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, data=data, settings=settings,
-                       json_out=json_out, plots=plots, stats=stats,
-                       lm_eval_tasks=[t.strip() for t in (lm_eval or "").split(",") if t.strip()],
-                       lm_eval_limit=lm_eval_limit, merge_budgets=merge_budget,
-                       merge_methods=None if merge_methods is None else
-                       tuple(x.strip() for x in merge_methods.split(",") if x.strip()), force=force,
-                       dtype=dtype, device=device, vllm_python=vllm_python, log=log)
+        rep = evaluate(export_dir, plan=plan, model=model, tasks=task_list, options=options, full=full, data=data,
+                       json_out=json_out, plots=plots, stats=stats, force=force, dtype=dtype, device=device,
+                       vllm_python=vllm_python, log=log)
     except CheckFailed as e:
         _print_report(e.report, json_out)
         raise
@@ -505,18 +549,22 @@ def eval_(
 
 
 def _print_report(rep: dict, json_out: Path | None) -> None:
-    if "engine" in rep["tasks"]:
-        out.print(engine_table(rep["tasks"]["engine"]))
-        for line in engine_notes(rep["tasks"]["engine"]):
-            out.print(line, soft_wrap=True, markup=False, highlight=False)
-    if set(rep["tasks"]) - {"engine"}:
+    """The side-by-side table (the tasks' rows), each task's own table and notes, and where each second went."""
+    from kvtool.evaluation.tasks import TASKS
+
+    results = {name: r for name, r in rep["tasks"].items() if name in TASKS}
+    if any(TASKS[name].rows(r) for name, r in results.items()):
         out.print(report_table(rep))
-    if "merge" in rep["tasks"]:
-        out.print(merge_table(rep["tasks"]["merge"]))
-    if "serve" in rep["tasks"]:
-        out.print(serve_table(rep["tasks"]["serve"]))
-    if "lm_eval" in rep["tasks"]:
-        out.print(lm_eval_table(rep["tasks"]["lm_eval"]))
+    for name, r in results.items():
+        table = TASKS[name].table(r)
+        if table is not None:
+            out.print(table)
+        for line in TASKS[name].notes(r):
+            out.print(line, soft_wrap=True, markup=False, highlight=False)
+    if rep.get("seconds"):
+        steps = " · ".join(f"{k} {s:.0f}" for k, s in rep["seconds"].items())
+        quick = "" if rep.get("full") else " (quick settings; --full runs the whole set)"
+        out.print(f"seconds: {steps} · total {rep['wall_time_s']:.0f}{quick}", highlight=False, soft_wrap=True)
     if json_out:
         out.print(f"report: {json_out}")
     for name, path in rep.get("plots", {}).items():
@@ -587,154 +635,36 @@ def doctor() -> None:
 
 
 def report_table(rep: dict):
-    """The base | shared | ratio table of an eval report."""
+    """The base | shared | ratio table of an eval report: the ``rows`` of each task in it."""
     from rich.table import Table
+
+    from kvtool.evaluation.tasks import TASKS
 
     t = Table(title=f"{rep['model']}: {rep['plan']['description']}", title_justify="left")
     for c in ("task", "metric", "base", "shared", "shared/base"):
         t.add_column(c, justify="left" if c in ("task", "metric") else "right")
-    T = rep["tasks"]
-    f = lambda x, d=3: f"{x:,.{d}f}"  # noqa: E731
-    if "ppl" in T:
-        p = T["ppl"]
-        t.add_row("ppl", f"perplexity ({p['tokens']} tokens)", f(p["base"], 2), f(p["shared"], 2), f(p["ratio"]))
-        if "unhealed" in p:
-            t.add_row("", "perplexity before healing", "", f(p["unhealed"], 2), f(p["ratio_unhealed"]))
-    if "fidelity" in T:
-        fi = T["fidelity"]
-        t.add_row("fidelity", "KL(base‖shared), nats/token", "0", f(fi["kl"], 4), "")
-        t.add_row("", "top-1 agreement", "1", f(fi["top1_agreement"]), "")
-        t.add_row("", "final hidden cosine", "1", f(fi["hidden_cosine"]), "")
-    if "generate" in T:
-        g = T["generate"]
-        t.add_row("generate", f"exact match ({g['prompts']} prompts)", "1", f(g["exact_match"], 2), "")
-        t.add_row("", f"common prefix (of {g['new_tokens']} tokens)", "", f(g["mean_common_prefix"], 1), "")
-        t.add_row("", f"token agreement (of {g['new_tokens']})", "1", f(g["token_agreement"], 2), "")
-        if "unhealed" in g:
-            t.add_row("", "common prefix before healing", "", f(g["unhealed"]["mean_common_prefix"], 1), "")
-            t.add_row("", "token agreement before healing", "", f(g["unhealed"]["token_agreement"], 2), "")
-    if "passkey" in T:
-        acc = T["passkey"]["accuracy"]
-        for length in acc["base"]:
-            t.add_row("passkey", f"accuracy @ {length} tokens", f(acc["base"][length], 2),
-                      f(acc["shared"][length], 2), "")
-            if "unhealed" in acc:
-                t.add_row("", f"accuracy @ {length} before healing", "", f(acc["unhealed"][length], 2), "")
-    if "memory" in T:
-        m = T["memory"]
-        t.add_row("memory", "KV cache MiB (prefill+decode)", f(m["kv_bytes"]["base"] / 2**20, 1),
-                  f(m["kv_bytes"]["shared"] / 2**20, 1), f(m["kv_bytes"]["ratio"], 4))
-        if "inference_rss_mib" in m:
-            t.add_row("", "RSS growth in inference MiB", f(m["inference_rss_mib"]["base"], 0),
-                      f(m["inference_rss_mib"]["shared"], 0), f(m["inference_rss_mib"]["ratio"]))
-        t.add_row("", "peak process RSS MiB", f(m["peak_rss_mib"]["base"], 0), f(m["peak_rss_mib"]["shared"], 0),
-                  f(m["peak_rss_mib"]["ratio"]))
-        if "peak_gpu_mib" in m:
-            t.add_row("", "peak GPU MiB", f(m["peak_gpu_mib"]["base"], 0), f(m["peak_gpu_mib"]["shared"], 0),
-                      f(m["peak_gpu_mib"]["ratio"]))
-    if "speed" in T:
-        sp = T["speed"]
-        t.add_row("speed", f"prefill tokens/s ({sp['device']})", f(sp["prefill_tok_s"]["base"], 0),
-                  f(sp["prefill_tok_s"]["shared"], 0), f(sp["prefill_tok_s"]["ratio"]))
-        t.add_row("", "decode tokens/s", f(sp["decode_tok_s"]["base"], 1), f(sp["decode_tok_s"]["shared"], 1),
-                  f(sp["decode_tok_s"]["ratio"]))
+    for name, result in rep["tasks"].items():
+        rows = TASKS[name].rows(result) if name in TASKS else []
+        for i, row in enumerate(rows):
+            t.add_row(name if i == 0 else "", *row)
     return t
 
 
-def engine_table(en: dict):
-    """vLLM side by side: capacity, throughput and log-probabilities of base and shared (and quantized KV)."""
+def options_table(tasks: dict):
+    """Every task of the registry and its options (``--set TASK.OPTION=VALUE``), with the quick defaults."""
     from rich.table import Table
 
-    rows = en["rows"]
-    b, s = rows["base"], rows["shared"]
-    t = Table(title=f"vLLM {en['vllm']} ({en['dtype']}, {en['kv_cache_memory_bytes'] / 2**20:,.0f} MiB of KV cache, "
-                    f"{en['owners']} of {en['layers']} layers hold KV: limit {en['block_ratio_limit']:.3f}×)",
-              title_justify="left")
-    for c in ("metric", "base", "shared", "shared/base"):
-        t.add_column(c, justify="left" if c == "metric" else "right")
-    f = lambda x, d=0: f"{x:,.{d}f}"  # noqa: E731
-    t.add_row(f"KV blocks ({b['block_size']} tokens)", f(b["num_blocks"]), f(s["num_blocks"]), f(s["block_ratio"], 3))
-    t.add_row("KV tokens", f(b["kv_tokens"]), f(s["kv_tokens"]), f(s["kv_tokens"] / b["kv_tokens"], 3))
-    t.add_row(f"max concurrency @ {en['max_model_len']} tokens", f(b["max_concurrency"], 2),
-              f(s["max_concurrency"], 2), f(s["max_concurrency"] / b["max_concurrency"], 3))
-    t.add_row("requests that fit", f(b["requests_that_fit"]), f(s["requests_that_fit"]),
-              f(s["requests_that_fit"] / max(1, b["requests_that_fit"]), 2))
-    for tb, ts in zip(b["throughput"], s["throughput"], strict=True):
-        t.add_row(f"gen tok/s, {tb['batch']} requests × {tb['max_tokens']} new", f(tb["gen_tok_s"], 1),
-                  f(ts["gen_tok_s"], 1), f(ts["gen_tok_s"] / tb["gen_tok_s"], 2))
-    t.add_row(f"held-out ppl, vLLM ({en['heldout_tokens']:,} tokens)", f(b["ppl"], 3), f(s["ppl"], 3),
-              f(s["ppl"] / b["ppl"], 3))
-    t.add_row("held-out ppl, kvtool.load", f(b["ppl_kvtool"], 3), f(s["ppl_kvtool"], 3),
-              f(s["ppl_kvtool"] / b["ppl_kvtool"], 3))
-    for stat in ("max", "mean"):
-        tol = f" (tol {en['logprob_tolerance']:g})" if en["logprob_statistic"] == stat else ""
-        t.add_row(f"{stat} |Δ log p| vs kvtool.load{tol}", f"{b[f'{stat}_logprob_gap']:.2e}",
-                  f"{s[f'{stat}_logprob_gap']:.2e}", "")
-    t.add_row(f"greedy = kvtool.load ({en['greedy_prompts']} × {en['greedy_new']} tokens)",
-              f"{b['greedy_equal']}/{en['greedy_prompts']}", f"{s['greedy_equal']}/{en['greedy_prompts']}", "")
-    for name in rows:
-        if name.startswith("base+"):
-            q = name.removeprefix("base+")
-            bq, sq = rows[name], rows[f"shared+{q}"]
-            t.add_row(f"KV {q}: blocks", f(bq["num_blocks"]), f(sq["num_blocks"]), f(sq["block_ratio"], 3))
-            t.add_row(f"KV {q}: held-out ppl", f(bq["ppl"], 3), f(sq["ppl"], 3), f(sq["ppl"] / bq["ppl"], 3))
-    return t
+    from kvtool.evaluation.task import option_help
 
-
-def engine_notes(en: dict) -> list[str]:
-    """One line per KV cache dtype the engine refused on this machine, with the engine's own reason."""
-    return [f"KV {q}: not available on this machine: {reason}"
-            for q, reason in en.get("unsupported_kv_cache_dtypes", {}).items()]
-
-
-def serve_table(sv: dict):
-    """Throughput at a fixed KV budget: one row per variant."""
-    from rich.table import Table
-
-    t = Table(title=f"Serving within {sv['kv_budget'] / 2**20:,.0f} MiB of KV cache ({sv['prompt']} prompt + "
-                    f"{sv['new']} new tokens, {sv['device']}, median of {sv['repeats']}; batch limit of sharing "
-                    f"alone {sv['max_batch_limit']:.2f}×)", title_justify="left")
-    for c in ("model", "KV MiB / seq", "max batch", "× base", "KV MiB at max", "gen tok/s", "× base",
-              "decode tok/s"):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    for name, r in sv["rows"].items():
-        t.add_row(name, f"{r['kv_bytes_per_seq'] / 2**20:.2f}", str(r["max_batch"]), f"{r['max_batch_ratio']:.2f}",
-                  f"{r['kv_bytes_at_max_batch'] / 2**20:.1f}", f"{r['gen_tok_s']:.1f}", f"{r['gen_tok_s_ratio']:.2f}",
-                  f"{r['decode_tok_s']:.1f}")
-    return t
-
-
-def merge_table(mr: dict):
-    """One row per variant × method × budget of the merge task."""
-    from rich.table import Table
-
-    t = Table(title=f"Prompt-KV merge methods (passkey @ {mr['passkey_length']} tokens, {len(mr['passkey_depths'])} "
-                    f"depths; perplexity of {mr['ppl_new']} tokens after a {mr['ppl_context']}-token context)",
-              title_justify="left")
-    for c in ("model", "method", "budget", "KV after prefill / base", "passkey", "long-context ppl"):
-        t.add_column(c, justify="left" if c in ("model", "method") else "right")
-    for r in mr["rows"]:
-        method = r["method"] + (", calibrated budgets" if r.get("layer_budgets") == "calibrated" else "")
-        t.add_row(r["variant"], method, "-" if r["budget"] is None else f"{r['budget']:g}",
-                  f"{r['kv_ratio']:.3f}", f"{r['passkey']:.2f}", f"{r['ppl']:.2f}")
-    return t
-
-
-def lm_eval_table(le: dict):
-    """One row per lm-evaluation-harness task × metric, base and shared side by side."""
-    from rich.table import Table
-
-    limit = f", at most {le['limit']} documents per task" if le.get("limit") else ""
-    t = Table(title=f"lm-evaluation-harness {le['lm_eval_version']} (offline{limit})", title_justify="left")
-    for c in ("task", "metric", "base", "shared", "shared/base"):
-        t.add_column(c, justify="left" if c in ("task", "metric") else "right", no_wrap=c == "task")
-    f = lambda x: "-" if x is None else f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"  # noqa: E731
-    for task, r in le["tasks"].items():
-        docs = f"{r['samples']} docs" if r["samples"] else ""
-        labels = [task, docs] if len(r["metrics"]) > 1 else [f"{task}\n{docs}".strip()]
-        for i, (name, m) in enumerate(r["metrics"].items()):
-            b, s = m["base"], m["shared"]
-            t.add_row(labels[i] if i < len(labels) else "", name, f(b), f(s), f(s / b) if b and s is not None else "")
+    t = Table(title="kvtool eval tasks and options (--tasks NAME,…; --set TASK.OPTION=VALUE)", title_justify="left")
+    for c in ("task", "option", "default", "what"):
+        t.add_column(c)
+    spelled = {key: flag for flag, keys in EVAL_ALIASES.items() for key in keys}
+    for name, cls in tasks.items():
+        t.add_row(name + (" *" if cls.default else ""), "", "", cls.help)
+        for key, default, text in option_help(cls):
+            t.add_row("", key + (f" ({spelled[key]})" if key in spelled else ""), default, text)
+    t.caption = "* runs by default; (--flag): the same option's older spelling"
     return t
 
 

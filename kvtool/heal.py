@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,9 @@ from kvtool.crosslayer.archs import arch_of, decoder_layers, kv_param_names
 from kvtool.crosslayer.runtime import apply_sharing
 from kvtool.data.texts import heldout_chunks, load_chunks
 from kvtool.errors import KvtoolError
+from kvtool.formats.heal_settings import TRAIN_TARGETS, HealSettings, check_train
 from kvtool.formats.plan import SharingPlan
+from kvtool.formats.recipe import Recipe
 from kvtool.io.devices import model_device
 from kvtool.io.export import export
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
@@ -42,48 +44,12 @@ from kvtool.io.loading import model_and_tokenizer
 from kvtool.metrics import perplexity
 from kvtool.progress import Log, silent
 
-TRAIN_TARGETS = ("attention", "sources", "layers", "lora")
-TEXTS = ("generated", "calibration")
-SCHEDULES = ("cosine", "constant")
+__all__ = ["TRAIN_TARGETS", "HealSettings", "heal", "trainable_parameters", "topk_kl", "with_budget"]
 
-
-@dataclass
-class HealSettings:
-    tokens: int | None = None  # real tokens trained (early stopping may end sooner); None: DEFAULT_TOKENS[device]
-    text: str = "generated"
-    lr: float = 2e-3
-    batch_size: int = 4  # rows per step
-    seq_len: int = 256  # tokens per row
-    val_rows: int = 16
-    top_k: int = 64
-    train: str = "lora"  # the heal curve: 1.22× vs attention's 1.29× base perplexity at 250k tokens
-    lora_rank: int = 16
-    schedule: str = "cosine"  # after a 10-step warm-up: cosine to 0 at the budget, or constant
-    eval_every: int = 32_768  # tokens between validation passes
-    patience: int = 3
-    seed: int = 0
-    data: str | None = None  # the text for text="calibration" (default: kvtool's calibration set)
-    chat_share: float = 0.5  # generated rows whose prompt is a chat request
-
-    def validated(self) -> HealSettings:
-        """Self, after checking the settings that would otherwise fail only after the corpus is built."""
-        _check_train(self.train)
-        for name, value, allowed in (("text", self.text, TEXTS), ("schedule", self.schedule, SCHEDULES)):
-            if value not in allowed:
-                raise KvtoolError(f"unknown heal {name} {value!r}; use {', '.join(allowed)}")
-        budget = 1 if self.tokens is None else self.tokens
-        if min(budget, self.batch_size, self.val_rows, self.eval_every, self.top_k, self.lora_rank) < 1 \
-                or self.seq_len < 8 or self.lr <= 0:
-            raise KvtoolError("heal settings: tokens, batch size, validation rows, eval interval, top-k and LoRA "
-                              "rank must be ≥ 1, rows ≥ 8 tokens, and the learning rate > 0")
-        if self.data is not None and self.text != "calibration":
-            raise KvtoolError("--data is the text of --text calibration; the generated corpus draws its prompts "
-                              "from kvtool's calibration set")
-        return self
-
-    def corpus(self, rows: int) -> CorpusSettings:
-        return CorpusSettings(rows=rows, seq_len=self.seq_len, top_k=self.top_k, chat_share=self.chat_share,
-                              seed=self.seed).validated()
+def corpus_settings(s: HealSettings, rows: int) -> CorpusSettings:
+    """The generated corpus a heal with ``s`` distils on, ``rows`` rows."""
+    return CorpusSettings(rows=rows, seq_len=s.seq_len, top_k=s.top_k, chat_share=s.chat_share,
+                          seed=s.seed).validated()
 
 
 # The default budget per device type. CPU: the heal curve's 250k tokens (LoRA: 1.74× → 1.22× base perplexity on
@@ -97,17 +63,12 @@ def with_budget(s: HealSettings, device: torch.device) -> HealSettings:
     return s if s.tokens is not None else replace(s, tokens=DEFAULT_TOKENS.get(device.type, DEFAULT_TOKENS["cpu"]))
 
 
-def _check_train(train: str) -> None:
-    if train not in TRAIN_TARGETS:
-        raise KvtoolError(f"unknown heal target {train!r}; use {', '.join(TRAIN_TARGETS)}")
-
-
 def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
     """The q_proj / o_proj / q_norm weights of every layer that reads keys or values elsewhere (the Q rows of a fused
     qkv_proj count as q_proj); with ``train="layers"`` every other weight of those layers too, except the K/V
     projections they never use; with ``train="sources"`` also the K/V projections (and k-norm) of the layers read.
     (``lora`` trains adapters, see ``LoRA``.)"""
-    _check_train(train)
+    check_train(train)
     params: list[nn.Parameter] = []
     for j in plan.readers:
         layer = decoder_layers(model)[j]
@@ -216,7 +177,8 @@ def heal_corpus(model: nn.Module, tokenizer, s: HealSettings, *, log: Log | None
     if s.val_rows > 2 * per_shard:
         raise KvtoolError(f"at most {2 * per_shard} validation rows")
     rows = math.ceil(s.tokens / s.seq_len) + s.val_rows
-    corpus = generated_corpus(model, tokenizer, s.corpus(max(rows, 2 * per_shard)), log=log, progress=progress)
+    corpus = generated_corpus(model, tokenizer, corpus_settings(s, max(rows, 2 * per_shard)), log=log,
+                              progress=progress)
     half = s.val_rows // 2
     val_idx = torch.tensor([*range(half), *range(per_shard, per_shard + s.val_rows - half)])
     keep = torch.ones(corpus.ids.shape[0], dtype=torch.bool)
@@ -245,11 +207,13 @@ def heal(
     corpus_progress: Callable[[int, int, float], None] | None = None,
     checkpoint: Callable[[int, nn.Module], dict[str, Any]] | None = None,
     checkpoints: tuple[int, ...] = (),
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
     """Distil the shared model toward its base and write it as an export directory (``kvtool.load(out)``).
     ``progress(tokens, budget, kl)`` per step; ``checkpoint(tokens, model)`` is called (model in eval mode, adapters
     in effect) when the tokens trained pass each of ``checkpoints``; what it returns goes into the result's
-    ``curve``. Returns the heal record that the export's sidecar keeps."""
+    ``curve``. ``recipe``: how the plan was made (default: what its details record); the export's recipe is it
+    with these heal settings. Returns the heal record that the export's sidecar keeps, with the settings."""
     s = (settings or HealSettings()).validated()
     say = log or silent
     check_writable_dir(out, force)
@@ -257,7 +221,7 @@ def heal(
         plan = SharingPlan.load(plan)
     if not plan.readers:
         raise KvtoolError("the plan has no consumer layers: nothing to heal")
-    model, tokenizer = model_and_tokenizer(model, tokenizer, fallback=plan.details.get("model"), dtype=dtype,
+    model, tokenizer = model_and_tokenizer(model, tokenizer, fallback=plan.model_source, dtype=dtype,
                                            device=device, what="heal")
     base_fp = model_fingerprint(model)
     check_fingerprint(plan.model_fingerprint, base_fp, "the plan", "pass the --model it was searched on")
@@ -350,7 +314,7 @@ def heal(
         lora.merge()
     model.eval()
     after_ppl, _ = perplexity(model, heldout)
-    result = {"settings": asdict(s), "steps_run": step, "tokens_trained": seen, "early_stop_at": stopped,
+    result = {"steps_run": step, "tokens_trained": seen, "early_stop_at": stopped,
               "trained_parameters": sum(p.numel() for p in params), "trained": s.train,
               "val_kl_before": round(start_val, 5), "val_kl_after": round(best_val, 5),
               "heldout_ppl_base": round(base_ppl, 4), "heldout_ppl_before": round(before_ppl, 4),
@@ -361,5 +325,7 @@ def heal(
               "seconds": round(time.time() - t0, 1)}
     say(f"held-out perplexity after healing {after_ppl:.2f} (before {before_ppl:.2f}, base {base_ppl:.2f}); "
         f"trained {seen:,} tokens at {result['train_tokens_per_second']:.0f} tokens/s")
-    export(plan, out=out, model=model, tokenizer=tokenizer, force=force, base_fingerprint=base_fp, heal=result)
-    return result
+    recipe = recipe or Recipe.from_plan(plan)
+    export(plan, out=out, model=model, tokenizer=tokenizer, force=force, base_fingerprint=base_fp, heal=result,
+           recipe=None if recipe is None else replace(recipe, heal=s))
+    return {"settings": s.to_dict(), **result}

@@ -1,5 +1,6 @@
-"""``kvtool.compress``: the whole flow in one call (calibrate → search → export), like llm-compressor's ``oneshot``.
-The recipe it ran is saved in the export's sidecar, and ``kvtool export --recipe kvtool.json`` runs it again."""
+"""``kvtool.compress``: the whole flow in one call (calibrate → search → export, or heal when the recipe says so),
+like llm-compressor's ``oneshot``. The recipe it ran is saved in the export's sidecar, and ``kvtool export --recipe
+kvtool.json`` runs it again. It composes the commands below it, so it sits a layer above them."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from kvtool.errors import KvtoolError, read_json
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import CalibrationSettings, Recipe, SearchSettings
 from kvtool.formats.sidecar import read_sidecar
+from kvtool.heal import heal
 from kvtool.io.export import export
 from kvtool.io.loading import model_and_tokenizer, model_origin
 from kvtool.progress import Advance, Log, silent
 from kvtool.search.search import search
+from kvtool.search.strategies import strategy_for
 
 
 def compress(
@@ -51,6 +54,7 @@ def compress(
                         replace(sea, target=target) if target is not None else sea)
     elif any(x is not None for x in (data, target, calibration, search_settings)):
         raise KvtoolError("give a recipe, or settings, not both")
+    strategy_for(recipe.search)  # an unknown order or layout fails before calibration
     given_object = model is not None and not isinstance(model, (str, Path))
     model, tokenizer = model_and_tokenizer(model if model is not None else recipe.model, tokenizer,
                                            dtype=recipe.dtype or dtype, device=device, what="compress")
@@ -61,8 +65,13 @@ def compress(
     stats = calibrate(model, tokenizer=tokenizer, settings=recipe.calibration, progress=progress)
     say(f"searching a map at target {recipe.search.target}")
     plan = search(stats, model=model, settings=recipe.search, on_try=on_try, warn=log).plan
-    say(f"exporting {plan.describe()}")
-    export(plan, out=out, model=model, tokenizer=tokenizer, force=force, recipe=recipe)
+    if recipe.heal is not None:
+        say(f"healing {plan.describe()}")
+        heal(plan, out=out, model=model, tokenizer=tokenizer, settings=recipe.heal, force=force, recipe=recipe,
+             log=log)
+    else:
+        say(f"exporting {plan.describe()}")
+        export(plan, out=out, model=model, tokenizer=tokenizer, force=force, recipe=recipe)
     return plan
 
 

@@ -58,19 +58,19 @@ def test_local_and_best_first_orders(tok):
     m = tiny_model("llama", num_hidden_layers=8)
     st = calibrate(m, tokenizer=tok, samples=6, seq_len=24, batch_size=4)
     loc = search(st, model=m, layers=3, order="local", threshold=10.0)
-    assert loc.plan.details["validate"] == "kl" and len(loc.plan.consumers) == 3
-    bf = search(st, model=m, layers=3, order="best-first", beam=3, threshold=10.0)
-    assert len(bf.plan.consumers) == 3 and bf.plan.details["beam"] == 3
+    assert loc.plan.details["measured"]["validate"] == "kl" and len(loc.plan.consumers) == 3
+    bf = search(st, model=m, layers=3, order="best-first", pool=3, threshold=10.0)
+    assert len(bf.plan.consumers) == 3 and bf.plan.details["recipe"]["search"]["pool"] == 3
     steps = {}
     for t in bf.tries:
-        steps.setdefault(t["step"], []).append(t)
+        steps.setdefault(t.step, []).append(t)
     assert len(steps) == 3 and all(len(v) <= 3 for v in steps.values())
     for v in steps.values():  # the accepted candidate of each step has the lowest KL of that step
-        kept = [t for t in v if t["accepted"]]
-        assert len(kept) == 1 and kept[0]["score"] == min(t["score"] for t in v)
+        kept = [t for t in v if t.accepted]
+        assert len(kept) == 1 and kept[0].score == min(t.score for t in v)
     with pytest.raises(KvtoolError, match="guard"):
-        search(st, model=m, layers=3, order="best-first", beam=3, threshold=0.0)
-    strict = search(st, model=m, layers=3, order="best-first", beam=3, threshold=0.0, allow_partial=True)
+        search(st, model=m, layers=3, order="best-first", pool=3, threshold=0.0)
+    strict = search(st, model=m, layers=3, order="best-first", pool=3, threshold=0.0, allow_partial=True)
     assert strict.exhausted and strict.plan.consumers == []
 
 

@@ -12,7 +12,7 @@ from kvtool.search.layouts import layout_plan
 def test_roundtrip_and_views(tmp_path):
     p = SharingPlan.from_pairs(6, {3: 1, 5: 3}, method="test", target=0.33, score=0.9)
     assert p.kv_source_layers == [0, 1, 2, 1, 4, 1]  # chain 5→3→1 resolved
-    assert p.consumers == [3, 5] and p.sources == [1] and p.kv_fraction == pytest.approx(4 / 6)
+    assert p.consumers == [3, 5] and p.sources == [1] and p.removed_share() == pytest.approx(2 / 6)
     p.save(tmp_path / "p.json")
     q = SharingPlan.load(tmp_path / "p.json")
     assert q == p

@@ -39,9 +39,12 @@ def test_rank_orders():
 
 
 def test_chain_resolution():
-    assert with_pair([0, 1, 2, 3], 1, 3) == [0, 1, 2, 1]
-    assert with_pair([0, 0, 2, 3], 1, 3) == [0, 0, 2, 0]  # i is a consumer: j reads i's source
-    assert with_pair([0, 1, 2, 1], 0, 1) == [0, 0, 2, 0]  # j had readers: they follow j to its new source
+    def pair(src, i, j):
+        return list(with_pair((tuple(src), tuple(src)), i, j)[0])
+
+    assert pair([0, 1, 2, 3], 1, 3) == [0, 1, 2, 1]
+    assert pair([0, 0, 2, 3], 1, 3) == [0, 0, 2, 0]  # i is a consumer: j reads i's source
+    assert pair([0, 1, 2, 1], 0, 1) == [0, 0, 2, 0]  # j had readers: they follow j to its new source
 
 
 def test_incremental_scores_equal_full_scores(llama_stats):
@@ -99,8 +102,8 @@ def test_greedy_walks_in_order_and_stops_at_target(llama_stats):
     r = search(st, model=m, layers=3, threshold=-1.0, order="dissimilar")
     pairs = rank_pairs(st.distance("euclidean"), ["full_attention"] * 8, "dissimilar")
     assert len(r.plan.consumers) == 3 and not r.exhausted
-    assert [(t["i"], t["j"]) for t in r.tries][0] == pairs[0]
-    assert all(t["accepted"] for t in r.tries)
+    assert [(t.i, t.j) for t in r.tries][0] == pairs[0]
+    assert all(t.accepted for t in r.tries)
     r.plan.validate(8)
 
 
@@ -119,7 +122,7 @@ def test_incremental_and_full_search_agree_on_gemma3(tok):
     a = search(st, model=m, layers=2, threshold=0.0, order="dissimilar", incremental=True)
     b = search(st, model=m, layers=2, threshold=0.0, order="dissimilar", incremental=False)
     assert a.plan.kv_source_layers == b.plan.kv_source_layers
-    assert [t["score"] for t in a.tries] == pytest.approx([t["score"] for t in b.tries], abs=1e-5)
+    assert [t.score for t in a.tries] == pytest.approx([t.score for t in b.tries], abs=1e-5)
     a.plan.validate(6, st.meta["layer_types"])
 
 

@@ -16,7 +16,7 @@ from kvtool.cli import app
 from kvtool.crosslayer.kv_check import check_kv_in_effect
 from kvtool.crosslayer.runtime import sharing
 from kvtool.errors import KvtoolError
-from kvtool.formats.cache_size import plan_bytes_fraction, tensor_units, units_to_remove
+from kvtool.formats.cache_size import tensor_units, units_to_remove
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import SearchSettings
 from kvtool.io.export import export
@@ -36,8 +36,7 @@ def _stats(arch, tok, layers=6):
 
 
 def _removed(plan: SharingPlan, m, context=4096) -> float:
-    return 1 - plan_bytes_fraction(plan.k_sources, plan.v_sources, plan.layer_types,
-                                   getattr(m.config, "sliding_window", None), context)
+    return plan.removed_share(getattr(m.config, "sliding_window", None), context)
 
 
 def test_units_and_needed():
@@ -65,7 +64,7 @@ def test_target_in_bytes_is_always_met(arch, granularity, tok):
     plan = r.plan.validate(6, st.meta["layer_types"])
     removed = _removed(plan, m)
     assert removed >= 0.3 - 1e-9 and not r.exhausted
-    assert plan.details["kv_bytes_removed"] == pytest.approx(removed, abs=1e-6)
+    assert plan.details["measured"]["kv_bytes_removed"] == pytest.approx(removed, abs=1e-6)
     with sharing(m, plan):
         held = check_kv_in_effect(m, 6)  # every layer's bytes checked against the plan
     if arch not in ("gemma2", "gemma3_text"):  # uniform layers: the bytes held are exactly what the plan keeps
@@ -78,7 +77,7 @@ def test_tensor_search_round_trips_export_and_remote_code(tok, tmp_path):
     d = save_tiny(tmp_path / "base", "qwen3", num_hidden_layers=6)
     m, t = kvtool.load(d)
     st = calibrate(m, tokenizer=t, samples=4, seq_len=20, batch_size=4)
-    r = search(st, model=m, target=0.25, granularity="tensor", beam=6)  # 3 of 12 tensors: not whole layers
+    r = search(st, model=m, target=0.25, granularity="tensor", pool=6)  # 3 of 12 tensors: not whole layers
     plan = r.plan
     assert plan.per_tensor and _removed(plan, m) == pytest.approx(0.25)
     x = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -94,21 +93,21 @@ def test_tensor_search_round_trips_export_and_remote_code(tok, tmp_path):
 
 def test_beam_and_refine(tok):
     m, st = _stats("llama", tok, layers=8)
-    one = search(st, model=m, target=0.375, beam=3)
-    wide = search(st, model=m, target=0.375, beam=3, beam_width=3)
-    again = search(st, model=m, target=0.375, beam=3, beam_width=3)
+    one = search(st, model=m, target=0.375, pool=3)
+    wide = search(st, model=m, target=0.375, pool=3, beam_width=3)
+    again = search(st, model=m, target=0.375, pool=3, beam_width=3)
     assert wide.plan.kv_source_layers == again.plan.kv_source_layers  # deterministic
     assert len(wide.plan.consumers) == len(one.plan.consumers) == 3
     steps = {}
     for t in wide.tries:
-        steps.setdefault(t["step"], []).append(t)
-    assert max(sum(t["accepted"] for t in v) for v in steps.values()) <= 3
+        steps.setdefault(t.step, []).append(t)
+    assert max(sum(t.accepted for t in v) for v in steps.values()) <= 3
     for v in steps.values():  # deduplicated: no map is scored twice
-        keys = [(t["move"], t["score"]) for t in v]
+        keys = [(t.move, t.score) for t in v]
         assert len(keys) == len(set(keys))
-    ref = search(st, model=m, target=0.375, beam=3, refine=6)
-    swaps = [t for t in ref.tries if t["step"] == "refine"]
-    assert 0 < len(swaps) <= 6 and ref.plan.details["swaps_tried"] == len(swaps)
+    ref = search(st, model=m, target=0.375, pool=3, refine=6)
+    swaps = [t for t in ref.tries if t.step == "refine"]
+    assert 0 < len(swaps) <= 6 and ref.plan.details["measured"]["swaps_tried"] == len(swaps)
     assert ref.plan.score <= one.plan.score + 1e-9  # a swap is kept only if it lowers the calibration KL
     assert _removed(ref.plan, m) >= 0.375 - 1e-9
 
@@ -138,27 +137,27 @@ def test_cli_guard_and_partial(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "of the KV bytes removed" in r.output
     plan = SharingPlan.load(tmp_path / "p.json")
-    assert plan.details["granularity"] == "tensor" and plan.details["kv_bytes_removed"] >= 0.3 - 1e-9
+    assert plan.details["recipe"]["search"]["granularity"] == "tensor" and plan.details["measured"]["kv_bytes_removed"] >= 0.3 - 1e-9
 
 
 def test_old_recipes_still_load():
     s = SearchSettings.from_dict({"target": 0.3, "strict": True, "beam": 4})
     assert s.target == 0.3 and s.granularity == "layer"
-    assert json.loads(json.dumps(s.to_dict()))["beam_width"] == 1
+    assert json.loads(json.dumps(s.to_dict()))["beam_width"] == 1 and s.pool == 4
 
 
 def test_holdout_chooses_the_beams_finished_map_by_its_kl_on_chunks_it_was_not_fitted_on(tok):
     from kvtool.search.best_first import Partial
     from kvtool.search.scoring import Scorer
-    from kvtool.search.search import held_out_choice, holdout_rows
+    from kvtool.search.best_first import held_out_choice, holdout_rows
 
     assert holdout_rows(8, 0.25) == ([0, 1, 2, 4, 5, 6], [3, 7]) and holdout_rows(8, 0) == (list(range(8)), [])
     with pytest.raises(KvtoolError, match="more --samples"):
         holdout_rows(1, 0.5)
     m = tiny_model("llama", num_hidden_layers=8)
     st = calibrate(m, tokenizer=tok, samples=8, seq_len=20, batch_size=4)
-    r = search(st, model=m, target=0.375, beam=3, beam_width=3, refine=4, holdout=0.25, precision="model")
-    d = r.plan.details
+    r = search(st, model=m, target=0.375, pool=3, beam_width=3, refine=4, holdout=0.25, precision="model")
+    d = r.plan.details["measured"]
     assert d["holdout_rows"] == 2 and d["holdout_maps_compared"] >= 2 and _removed(r.plan, m) >= 0.375 - 1e-9
     fit, held = holdout_rows(8, 0.25)
     judge = Scorer(m, st.input_ids[held], st.final_hidden[held], metric="kl", incremental=False)
@@ -166,7 +165,7 @@ def test_holdout_chooses_the_beams_finished_map_by_its_kl_on_chunks_it_was_not_f
     # the choice itself: among candidate maps, the one with the lowest KL on the held-out chunks
     cands = [Partial(identity(8) if n == 0 else apply_move(identity(8), Move(j, "kv", 0)), None, (), ())
              for n, j in enumerate((0, 3, 5, 7))]
-    choose, record = held_out_choice(judge, 8, False)
+    choose, record = held_out_choice(judge, 8)
     kls = [judge.initial(SharingPlan.from_tensors(list(c.src[0]), list(c.src[1]))).value for c in cands]
     assert choose(cands) is cands[0] and record["compared"] == 4 and record["score"] == pytest.approx(kls[0])
     assert choose(cands[1:]) is cands[1 + min(range(3), key=lambda n: kls[n + 1])]

@@ -31,7 +31,7 @@ def arch(request):
 def test_plan_format_per_tensor():
     plan = SharingPlan.from_tensors([0, 0, 2, 0], [0, 1, 0, 0])
     assert plan.per_tensor and plan.kv_source_layers == [0, 1, 2, 0]
-    assert plan.readers == [1, 2, 3] and plan.consumers == [3] and plan.kv_fraction == 4 / 8
+    assert plan.readers == [1, 2, 3] and plan.consumers == [3] and plan.removed_share() == 4 / 8
     d = json.loads(plan.to_json())
     assert d["k_source_layers"] == [0, 0, 2, 0] and d["v_source_layers"] == [0, 1, 0, 0]
     assert SharingPlan.from_dict(d) == plan

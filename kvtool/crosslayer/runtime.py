@@ -24,7 +24,8 @@ from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
 
 Observer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
-__all__ = ["active_plan", "apply_sharing", "observe", "remove_sharing", "rope_q", "sharing", "sharing_state"]
+__all__ = ["active_plan", "apply_sharing", "observe", "preloaded", "remove_sharing", "rope_q", "sharing",
+           "sharing_state"]
 
 
 def sharing_state(model: nn.Module) -> SharingState | None:
@@ -87,6 +88,23 @@ def observe(model: nn.Module, observer: Observer) -> Iterator[nn.Module]:
         st.observer = None
         if prev is None:
             remove_sharing(model)
+
+
+@contextlib.contextmanager
+def preloaded(model: nn.Module, kv: dict[tuple[str, int], torch.Tensor], observer: Observer) -> Iterator[nn.Module]:
+    """Run layers one by one with ``kv`` (``("k" | "v", owner layer)`` -> its keys or values) already in the
+    runtime's store, as if those owners had run, and ``observer`` called in every layer that runs; both are cleared
+    on exit. For scoring a map from a stored layer onward (``search.scoring``); needs the runtime installed."""
+    st = sharing_state(model)
+    if st is None:
+        raise KvtoolError("preloaded(): apply a sharing plan first")
+    st.store.update(kv)
+    st.observer = observer
+    try:
+        yield model
+    finally:
+        st.observer = None
+        st.store.clear()
 
 
 def active_plan(model: nn.Module) -> SharingPlan | None:

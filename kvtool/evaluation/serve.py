@@ -12,14 +12,16 @@ import dataclasses
 import json
 import re
 import statistics
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from kvtool.crosslayer.kv_check import implied_bytes
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.memory_speed import probe
+from kvtool.evaluation.task import EvalContext, EvalTask, opt
 from kvtool.evaluation.variants import Variants
 from kvtool.io.devices import model_device
-from kvtool.merging.methods import MergeMethod
+from kvtool.merging.methods import MergeMethod, make_method
 from kvtool.progress import Log, silent
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
@@ -77,5 +79,53 @@ def serve(v: Variants, kv_budget: int, *, prompt: int = 512, new: int = 64, repe
         row["max_batch_ratio"] = row["max_batch"] / base["max_batch"]
         row["gen_tok_s_ratio"] = row["gen_tok_s"] / base["gen_tok_s"]
     return {"kv_budget": kv_budget, "prompt": prompt, "new": new, "repeats": repeats,
-            "device": str(model_device(v.base)), "max_batch_limit": 1 / v.plan.kv_fraction,
+            "device": str(model_device(v.base)), "max_batch_limit": 1 / (1 - v.plan.removed_share(
+                getattr(v.base.config, "sliding_window", None), prompt + new)),
             "merge": None if merge is None else merge.to_dict(), "rows": rows}
+
+
+@dataclass
+class Serve(EvalTask):
+    """Throughput within a fixed KV-cache memory, each variant at its largest batch."""
+
+    name: ClassVar[str] = "serve"
+    help: ClassVar[str] = "tokens/s at the largest batch a KV budget holds (needs --kv-budget)"
+    kv_budget: int | None = opt(None, "KV-cache bytes each variant fills, e.g. 256MiB", parse=parse_size)
+    prompt: int = opt(512, "prompt tokens per sequence", min=2)
+    new: int = opt(64, "generated tokens per sequence", min=1)
+    repeats: int = opt(3, "timed runs per variant", min=1)
+    merge_budget: float | None = opt(None, "also with prompt merging at this budget (default: the plan's merge)")
+
+    def check(self, ctx: EvalContext) -> None:
+        if not self.kv_budget:
+            raise KvtoolError("the serve task needs a KV budget (--kv-budget, e.g. 256MiB)")
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]:
+        assert self.kv_budget
+        mg = ctx.plan_merge or (make_method(budget=self.merge_budget) if self.merge_budget else None)
+        ctx.log(f"throughput within {self.kv_budget / 2**20:.0f} MiB of KV cache ({self.prompt} prompt + "
+                f"{self.new} new tokens, {self.repeats} runs each, fresh processes)")
+        return serve(ctx.v, self.kv_budget, prompt=self.prompt, new=self.new, repeats=self.repeats, merge=mg,
+                     log=ctx.log)
+
+    @staticmethod
+    def summary(result: dict[str, Any]) -> dict[str, Any]:
+        sh = result["rows"]["shared"]
+        return {"serve_max_batch_ratio": sh["max_batch_ratio"], "serve_tok_s_ratio": sh["gen_tok_s_ratio"]}
+
+    @staticmethod
+    def table(result: dict[str, Any]) -> Any:
+        from rich.table import Table
+
+        sv = result
+        t = Table(title=f"Serving within {sv['kv_budget'] / 2**20:,.0f} MiB of KV cache ({sv['prompt']} prompt + "
+                        f"{sv['new']} new tokens, {sv['device']}, median of {sv['repeats']}; batch limit of sharing "
+                        f"alone {sv['max_batch_limit']:.2f}×)", title_justify="left")
+        for c in ("model", "KV MiB / seq", "max batch", "× base", "KV MiB at max", "gen tok/s", "× base",
+                  "decode tok/s"):
+            t.add_column(c, justify="left" if c == "model" else "right")
+        for name, r in sv["rows"].items():
+            t.add_row(name, f"{r['kv_bytes_per_seq'] / 2**20:.2f}", str(r["max_batch"]),
+                      f"{r['max_batch_ratio']:.2f}", f"{r['kv_bytes_at_max_batch'] / 2**20:.1f}",
+                      f"{r['gen_tok_s']:.1f}", f"{r['gen_tok_s_ratio']:.2f}", f"{r['decode_tok_s']:.1f}")
+        return t

@@ -1,4 +1,4 @@
-"""The two models ``kvtool eval`` compares, and the settings of every eval task."""
+"""The two models ``kvtool eval`` compares."""
 
 from __future__ import annotations
 
@@ -15,42 +15,11 @@ from torch import nn
 
 from kvtool.crosslayer.kv_check import check_kv_in_effect
 from kvtool.crosslayer.runtime import active_plan, apply_sharing, remove_sharing, sharing
-from kvtool.data.passkey import MERGE_PASSKEY_DEPTHS, PASSKEY_DEPTHS, PASSKEY_LENGTHS
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.sidecar import read_sidecar
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
 from kvtool.io.loading import load, model_origin
-
-DEFAULT_TASKS = ("ppl", "fidelity", "generate", "passkey", "memory", "speed", "merge")
-TASKS = (*DEFAULT_TASKS, "serve", "engine")
-
-
-@dataclass
-class EvalSettings:
-    ppl_samples: int = 8
-    ppl_seq_len: int = 256
-    gen_new_tokens: int = 32
-    passkey_lengths: tuple[int, ...] = PASSKEY_LENGTHS
-    passkey_depths: tuple[float, ...] = PASSKEY_DEPTHS
-    speed_batch: int = 4
-    speed_prompt: int = 512
-    speed_new: int = 32
-    speed_repeats: int = 2
-    merge_passkey_length: int = 2048
-    merge_passkey_depths: tuple[float, ...] = MERGE_PASSKEY_DEPTHS
-    merge_ppl_samples: int = 4
-    merge_ppl_context: int = 1536
-    merge_ppl_new: int = 512
-    serve_kv_budget: int | None = None  # bytes of KV cache the serve task fits its batches into
-    serve_prompt: int = 512
-    serve_new: int = 64
-    serve_repeats: int = 3
-    engine_kv_memory: int = 256 * 2**20  # bytes of KV cache each vLLM engine gets (per tensor-parallel worker)
-    engine_kv_dtypes: tuple[str, ...] = ("auto", "fp8")  # vLLM kv_cache_dtype values, "auto" = the model's
-    engine_prompt: int = 448  # prompt tokens per request in the engine's throughput batches
-    engine_new: int = 64  # generated tokens per request there; prompt + new is the engine's max_model_len
-    engine_tensor_parallel: int = 1
 
 
 @dataclass
@@ -110,7 +79,7 @@ def load_variants(export_dir: str | Path | None, plan: SharingPlan | str | Path 
                         unhealed=bool(side.get("heal")))
     if not isinstance(plan, SharingPlan):
         plan = SharingPlan.load(plan)
-    base_src = model if model is not None else plan.details.get("model")
+    base_src = model if model is not None else plan.model_source
     base, tok = load(base_src, dtype=dtype, device=device)
     check_fingerprint(plan.model_fingerprint, model_fingerprint(base), "the plan",
                       "pass the --model it was searched on")

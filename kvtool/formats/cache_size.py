@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+DEFAULT_CONTEXT = 4096  # tokens per sequence at which KV bytes are counted (matters only for sliding-window layers)
+
 
 def stored_entries(kv_source_layers: list[int], layer_types: list[str] | None, sliding_window: int | None,
                    prompt: int, new: int = 0, kept: list[int | None] | None = None,
@@ -44,19 +46,25 @@ def kv_units(k_source_layers: list[int], v_source_layers: list[int], layer_types
     return [None if a is None or b is None else a + b for a, b in zip(ek, ev, strict=True)]
 
 
-def plan_bytes_fraction(k_source_layers: list[int], v_source_layers: list[int], layer_types: list[str] | None,
-                        sliding_window: int | None, context: int) -> float:
-    """The share of the unshared model's KV-cache bytes a map keeps for sequences of ``context`` tokens."""
-    L = len(k_source_layers)
-    base = kv_units(list(range(L)), list(range(L)), layer_types, sliding_window, context)
-    return sum(kv_units(k_source_layers, v_source_layers, layer_types, sliding_window, context)) / sum(base)
-
-
 def tensor_units(layer_types: list[str], sliding_window: int | None, context: int) -> list[int]:
     """Per layer, the entries one of its tensors (its keys, or its values) holds for a ``context``-token sequence:
     what giving that tensor up saves, in units of one token's keys (or values) of every KV head."""
     L = len(layer_types)
     return [int(e or 0) for e in stored_entries(list(range(L)), layer_types, sliding_window, context)]
+
+
+def removed_units(k_sources: list[int] | tuple[int, ...], v_sources: list[int] | tuple[int, ...],
+                  units: list[int] | tuple[int, ...]) -> int:
+    """The units a map gives up: each layer's keys and values that it reads from another layer."""
+    return sum(u for j, u in enumerate(units) if k_sources[j] != j) + \
+        sum(u for j, u in enumerate(units) if v_sources[j] != j)
+
+
+def removed_share(k_sources: list[int] | tuple[int, ...], v_sources: list[int] | tuple[int, ...],
+                  units: list[int] | tuple[int, ...]) -> float:
+    """The share of the unshared model's KV-cache bytes a map removes (``units`` from ``tensor_units``): the one
+    formula behind every removed or kept KV figure kvtool reports, and what ``--target`` asks for."""
+    return removed_units(k_sources, v_sources, units) / (2 * sum(units))
 
 
 def units_to_remove(units: list[int], target: float) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 from kvtool.atomic import check_writable_file, write_bytes_atomic
 from kvtool.errors import KvtoolError, quoted, read_json
+from kvtool.formats.cache_size import DEFAULT_CONTEXT, removed_share, tensor_units
 from kvtool.formats.merge_settings import check_merge_dict
 
 PLAN_VERSION = 1
@@ -36,7 +37,8 @@ class SharingPlan:
     model_fingerprint: str | None = None
     layer_types: list[str] | None = None
     merge: dict[str, Any] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # by ``kvtool search``: the recipe that ran, and what
+    # it measured
     version: int = PLAN_VERSION
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -110,12 +112,17 @@ class SharingPlan:
         return sorted({s for j, s in enumerate(k) if s != j} | {s for j, s in enumerate(v) if s != j})
 
     @property
-    def kv_fraction(self) -> float:
-        """Fraction of the KV tensors still stored (of layers, for a whole-layer plan): equal-sized layers assumed;
-        ``cache_size.plan_bytes_fraction`` counts sliding-window layers exactly."""
-        k, v = self.k_sources, self.v_sources
-        stored = sum(k[j] == j for j in range(self.num_layers)) + sum(v[j] == j for j in range(self.num_layers))
-        return stored / (2 * self.num_layers)
+    def model_source(self) -> str | None:
+        """Where the base model the plan was searched on came from (its recipe's model; None: the default)."""
+        det = self.details or {}
+        rec = det.get("recipe")
+        return rec.get("model") if isinstance(rec, dict) else det.get("model")
+
+    def removed_share(self, sliding_window: int | None = None, context: int = DEFAULT_CONTEXT) -> float:
+        """The share of the KV-cache bytes this map removes at ``context`` tokens per sequence
+        (``cache_size.removed_share``; ``sliding_window`` matters only where the plan has sliding layers)."""
+        types = self.layer_types or ["full_attention"] * self.num_layers
+        return removed_share(self.k_sources, self.v_sources, tensor_units(types, sliding_window, context))
 
     def describe(self) -> str:
         k, v = self.k_sources, self.v_sources
@@ -127,7 +134,8 @@ class SharingPlan:
                 moves += [f"{j}{t}←{s}" for t, s in (("k", k[j]), ("v", v[j])) if s != j]
         if not self.per_tensor:
             return f"{len(self.consumers)}/{self.num_layers} layers share KV ({', '.join(moves) or 'none'})"
-        return (f"{1 - self.kv_fraction:.0%} of the KV tensors shared over {len(self.readers)}/{self.num_layers} "
+        shared = sum(a != j for j, a in enumerate(k)) + sum(b != j for j, b in enumerate(v))
+        return (f"{shared}/{2 * self.num_layers} KV tensors shared over {len(self.readers)}/{self.num_layers} "
                 f"layers ({', '.join(moves)})")
 
     # ---- validation ----------------------------------------------------------------------------------------------

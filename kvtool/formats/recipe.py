@@ -4,26 +4,17 @@ deterministic, so the same inputs give a byte-identical plan)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvtool.errors import KvtoolError, quoted
+from kvtool.formats.cache_size import DEFAULT_CONTEXT
+from kvtool.formats.fields import settings_from_dict
+from kvtool.formats.heal_settings import HealSettings
 from kvtool.formats.plan import SharingPlan
 
-ORDERS = ("dissimilar", "similar", "random", "local", "best-first")
-LAYOUTS = ("adjacent", "tail", "grouped")
 METRICS = ("cosine", "kl")
 DISTANCES = ("euclidean", "kvsharer", "cosine")
-
-
-def _from_dict(cls, d: Any, what: str):
-    if not isinstance(d, dict):
-        raise KvtoolError(f"{what} must be a JSON object")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise KvtoolError(f"{what}: unknown key(s) {quoted(unknown)}")
-    return cls(**d).validated()
 
 
 @dataclass
@@ -44,12 +35,12 @@ class CalibrationSettings:
 
     @classmethod
     def from_dict(cls, d: Any) -> CalibrationSettings:
-        return _from_dict(cls, d, "calibration settings")
+        return settings_from_dict(cls, d, "calibration settings")
 
 
 GRANULARITIES = ("layer", "tensor")
-DEFAULT_CONTEXT = 4096  # tokens per sequence at which KV bytes are counted (matters only for sliding-window layers)
 _RETIRED_SEARCH_KEYS = ("strict",)  # recipes written before the target became a contract may still carry these
+_RENAMED_SEARCH_KEYS = {"beam": "pool"}  # recipes of 0.x releases
 
 
 @dataclass
@@ -60,7 +51,7 @@ class SearchSettings:
     order: str = "best-first"
     distance: str = "euclidean"
     validate: str | None = None  # cosine or kl; None: kl for local/best-first, cosine for the distance orders
-    beam: int = 4  # best-first: candidate moves fully scored per partial map and step
+    pool: int = 4  # best-first: candidate moves fully scored per partial map and step (0.x: ``beam``)
     seed: int = 0
     layout: str | None = None
     group_size: int = 4
@@ -83,10 +74,8 @@ class SearchSettings:
     allow_partial: bool = False  # when the quality guard stops the search short, return (and write) what it has
 
     def validated(self) -> SearchSettings:
-        if self.order not in ORDERS:
-            raise KvtoolError(f"unknown order {self.order!r}; use one of {', '.join(ORDERS)}")
-        if self.layout is not None and self.layout not in LAYOUTS:
-            raise KvtoolError(f"unknown layout {self.layout!r}; use one of {', '.join(LAYOUTS)}")
+        if not isinstance(self.order, str) or (self.layout is not None and not isinstance(self.layout, str)):
+            raise KvtoolError("search: order and layout are names")
         if self.validate is not None and self.validate not in METRICS:
             raise KvtoolError(f"unknown validation metric {self.validate!r}; use one of {', '.join(METRICS)}")
         if self.distance not in DISTANCES:
@@ -99,8 +88,8 @@ class SearchSettings:
             raise KvtoolError(f"--target must be in [0, 1), got {self.target}")
         if self.precision not in ("auto", "model", "bfloat16"):
             raise KvtoolError(f"unknown scoring precision {self.precision!r}; use auto, model or bfloat16")
-        if self.beam < 1 or self.batch_size < 1 or self.screen < 0 or self.beam_width < 1 or self.refine < 0:
-            raise KvtoolError("search: beam, beam width and batch size must be ≥ 1, screen and refine ≥ 0")
+        if self.pool < 1 or self.batch_size < 1 or self.screen < 0 or self.beam_width < 1 or self.refine < 0:
+            raise KvtoolError("search: pool, beam width and batch size must be ≥ 1, screen and refine ≥ 0")
         if self.context < 1:
             raise KvtoolError(f"--context must be ≥ 1 token, got {self.context}")
         if not 0 <= self.holdout < 1:
@@ -123,59 +112,44 @@ class SearchSettings:
     @classmethod
     def from_dict(cls, d: Any) -> SearchSettings:
         if isinstance(d, dict):
-            d = {k: v for k, v in d.items() if k not in _RETIRED_SEARCH_KEYS}
-        return _from_dict(cls, d, "search settings")
+            d = {_RENAMED_SEARCH_KEYS.get(k, k): v for k, v in d.items() if k not in _RETIRED_SEARCH_KEYS}
+        return settings_from_dict(cls, d, "search settings")
 
 
 @dataclass
 class Recipe:
+    """Everything a run was given: the model, its dtype, and the calibration, search and (for a healed export) heal
+    settings, each as its ``to_dict()``. ``search`` stores it in the plan's details (``details["recipe"]``, beside
+    what it measured), the export keeps it in its sidecar, and ``kvtool export --recipe`` replays it."""
+
     model: str | None = None  # where the base model comes from; None: the embedded default
     dtype: str | None = None
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
+    heal: HealSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "dtype": self.dtype, "calibration": self.calibration.to_dict(),
-                "search": self.search.to_dict()}
+                "search": self.search.to_dict(), "heal": None if self.heal is None else self.heal.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Any) -> Recipe:
         if not isinstance(d, dict):
             raise KvtoolError("recipe must be a JSON object")
-        unknown = sorted(set(d) - {"model", "dtype", "calibration", "search"})
+        unknown = sorted(set(d) - {"model", "dtype", "calibration", "search", "heal"})
         if unknown:
             raise KvtoolError(f"recipe: unknown key(s) {quoted(unknown)}")
+        for key in ("model", "dtype"):
+            if not isinstance(d.get(key), (str, type(None))):
+                raise KvtoolError(f"recipe: {key} must be a string or null")
+        heal = d.get("heal")
         return cls(d.get("model"), d.get("dtype"), CalibrationSettings.from_dict(d.get("calibration", {})),
-                   SearchSettings.from_dict(d.get("search", {})))
+                   SearchSettings.from_dict(d.get("search", {})),
+                   None if heal is None else HealSettings.from_dict(heal))
 
     @classmethod
     def from_plan(cls, plan: SharingPlan) -> Recipe | None:
-        """The recipe a plan written by ``kvtool search`` records in its details (None for a hand-made plan)."""
-        det = plan.details or {}
-        cal = det.get("calibration")
-        if not isinstance(cal, dict):
-            return None
-        calibration = CalibrationSettings(data=cal.get("data"), samples=cal.get("samples", 32),
-                                          seq_len=cal.get("seq_len", 128), seed=cal.get("seed", 0))
-        if calibration.data == "default":
-            calibration.data = None
-        merge = plan.merge or {}
-        search = SearchSettings(target=plan.target, threshold=plan.threshold, seed=det.get("seed", 0),
-                                merge_budget=merge.get("budget") if merge else None,
-                                merge_method=merge.get("method", "kvmerger"),
-                                merge_allocation="calibrated" if merge.get("layer_budgets") else "even")
-        if "layout" in det:
-            search.layout = det["layout"]
-            search.group_size = det.get("group_size", 4)
-        else:
-            search.order = det.get("order", search.order)
-            search.validate = det.get("validate")
-            search.beam = det.get("beam", search.beam)
-            for key in ("granularity", "beam_width", "refine", "holdout", "context"):
-                if key in det:
-                    setattr(search, key, det[key])
-            search.screen = det.get("screen", 0)  # plans record it when it is set
-            search.incremental = det.get("incremental", True)
-            if det.get("distance") in DISTANCES:
-                search.distance = det["distance"]
-        return cls(model=det.get("model"), calibration=calibration, search=search.validated())
+        """The recipe a plan written by ``kvtool search`` records (None for a hand-made plan, or one written by a
+        0.x release, whose details held only part of it)."""
+        rec = (plan.details or {}).get("recipe")
+        return None if rec is None else cls.from_dict(rec)

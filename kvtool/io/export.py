@@ -18,7 +18,7 @@ from kvtool.errors import KvtoolError
 from kvtool.formats.merge_settings import layer_shares
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import Recipe
-from kvtool.formats.sidecar import SIDECAR, SIDECAR_VERSION
+from kvtool.formats.sidecar import SIDECAR_VERSION, write_sidecar
 from kvtool.io.devices import parse_dtype
 from kvtool.io.exported import base_classes
 from kvtool.io.fingerprint import check_fingerprint, model_fingerprint
@@ -65,7 +65,7 @@ def export(
         plan = SharingPlan.load(plan)
     if model is None and plan is None:
         raise KvtoolError("give --plan, or --model an exported directory")
-    model, tokenizer = model_and_tokenizer(model, tokenizer, fallback=plan.details.get("model") if plan else None,
+    model, tokenizer = model_and_tokenizer(model, tokenizer, fallback=plan.model_source if plan else None,
                                            device=device, what="export")
     origin = model_origin(model)
     side = origin.sidecar  # a loaded export: keep its map, base identity, heal record and recipe
@@ -104,8 +104,6 @@ def export(
     sidecar = {
         "format": "kvtool-export",
         "format_version": SIDECAR_VERSION,
-        "kv_source_layers": plan.kv_source_layers,
-        "merge": plan.merge,
         "base_model": side["base_model"] if side else {
             "name": origin.name, "model_type": base_type, "architecture": model_cls.__name__,
             "fingerprint": base_fp, "source": origin.source},
@@ -133,5 +131,5 @@ def export(
             base_model=sidecar["base_model"]["name"] or base_type, consumers=len(plan.consumers),
             layers=plan.num_layers, config_cls=cfg_cls.__name__, model_cls=model_cls.__name__, arch=arch))
         shutil.copyfile(attention.__file__, tmp / _SHARING)
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
+        write_sidecar(tmp, sidecar)
     return Path(out)

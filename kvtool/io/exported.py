@@ -15,7 +15,7 @@ from kvtool.crosslayer.attention import make_classes
 from kvtool.crosslayer.runtime import sharing_state
 from kvtool.errors import KvtoolError, first_line
 from kvtool.formats.plan import SharingPlan
-from kvtool.formats.sidecar import read_sidecar
+from kvtool.formats.sidecar import read_sidecar, sidecar_plan
 from kvtool.io.fingerprint import model_fingerprint
 
 
@@ -36,10 +36,9 @@ def load_exported(path: Path, *, dtype: torch.dtype, device: str, attn_implement
         raise KvtoolError(f"{path}/config.json is missing or damaged") from e
     if cfg_json.get("model_type") != f"kvtool_{base_type}":
         raise KvtoolError(f"{path}: config model_type {cfg_json.get('model_type')!r} does not match the sidecar")
-    side_plan = side.get("plan") or {}
+    plan = sidecar_plan(side)
     for key in ("kv_source_layers", "k_source_layers", "v_source_layers"):
-        want = side["kv_source_layers"] if key == "kv_source_layers" else side_plan.get(key)
-        if cfg_json.get(key) != want:
+        if cfg_json.get(key) != getattr(plan, key):
             raise KvtoolError(f"{path}: config.json and kvtool.json disagree on {key}")
     cfg_cls, model_cls = make_classes(*base_classes(base_type))
     config = cfg_cls.from_pretrained(path)
@@ -58,9 +57,6 @@ def load_exported(path: Path, *, dtype: torch.dtype, device: str, attn_implement
         raise KvtoolError(f"{path}: the weights' fingerprint does not match kvtool.json (modified or mixed files)")
     if device not in ("cpu", "auto"):
         model = model.to(device)
-    plan = SharingPlan.from_dict(side["plan"]) if side.get("plan") else SharingPlan(side["kv_source_layers"])
-    plan.kv_source_layers = list(side["kv_source_layers"])
-    plan.merge = side.get("merge")
     sharing_state(model).plan = plan
     try:
         tok = AutoTokenizer.from_pretrained(path, config=config)  # our config object: no remote code is consulted

@@ -14,24 +14,20 @@ moves' order.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from kvtool.errors import KvtoolError
+from kvtool.formats.cache_size import removed_units
 from kvtool.formats.plan import SharingPlan
-from kvtool.search.moves import (
-    Goal,
-    Move,
-    Sources,
-    admissible,
-    apply_move,
-    identity,
-    removed_units,
-    saved_units,
-    undo_move,
-)
+from kvtool.formats.recipe import SearchSettings
+from kvtool.search.moves import Goal, Move, Sources, admissible, apply_move, identity, saved_units, undo_move
 from kvtool.search.scoring import HIGHER_IS_BETTER, Scorer, ScoreState
+from kvtool.search.strategy import Context, OnTry, Outcome, Try
 
 
 @dataclass
@@ -78,8 +74,7 @@ def _ranked(src: Sources, types: list[str], err: dict[str, torch.Tensor], granul
 
 def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], goal: Goal, *, pool: int = 4,
                width: int = 1, threshold: float | None = None, granularity: str = "layer", screen: int = 0,
-               on_try: Callable[[dict], None] | None = None, choose: Choose | None = None
-               ) -> tuple[Partial, list[dict], bool]:
+               on_try: OnTry | None = None, choose: Choose | None = None) -> tuple[Partial, list[Try], bool]:
     """Returns (the best map that reaches ``goal``, or the deepest one when the guard stops every path; the tries;
     whether the goal was reached)."""
     L = len(types)
@@ -89,7 +84,7 @@ def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], g
     subset = list(range(screen)) if 0 < screen < scorer.num_batches else None
     beam, finished, deepest = [root], [], root
     seen: set[Sources] = {root.src}
-    tries: list[dict] = []
+    tries: list[Try] = []
     step = 0
     while beam:
         children = []  # (key, order, parent, move, scored)
@@ -104,7 +99,7 @@ def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], g
                 if width == 1:
                     key = gain / eff
                 else:
-                    done = max(1, min(goal.needed, removed_units(src, units)))
+                    done = max(1, min(goal.needed, removed_units(*src, units)))
                     key = (_loss(scorer, scored.value()) - root_loss) / done
                 children.append((key, m, parent, scored, gain))
         if not children:
@@ -119,9 +114,8 @@ def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], g
                     gain = _loss(scorer, scored.value()) - _loss(scorer, parent.value)
                 ok = threshold is None or scorer.passes(scored.value(), threshold)
             src = apply_move(parent.src, m)
-            rec = {"step": step, "j": m.j, "i": m.i, "source": m.i, "tensors": m.tensors, "move": m.label(),
-                   "score": round(scored.value(), 6), "accepted": ok, "kept": len(parent.moves) + ok,
-                   "removed": goal.fraction(src), "needed": goal.needed / (2 * sum(units))}
+            rec = Try(step, m.j, m.i, m.tensors, m.label(), round(scored.value(), 6), ok, len(parent.moves) + ok,
+                      goal.fraction(src), goal.needed / (2 * sum(units)))
             tries.append(rec)
             if on_try:
                 on_try(rec)
@@ -147,11 +141,11 @@ def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], g
 
 
 def refine(scorer: Scorer, best: Partial, err: dict[str, torch.Tensor], types: list[str], goal: Goal, *,
-           budget: int, pool: int = 4, granularity: str = "layer", on_try: Callable[[dict], None] | None = None,
-           choose: Choose | None = None) -> tuple[Partial, list[dict]]:
+           budget: int, pool: int = 4, granularity: str = "layer", on_try: OnTry | None = None,
+           choose: Choose | None = None) -> tuple[Partial, list[Try]]:
     """Swap one chosen move for an unchosen one while the calibration score improves; at most ``budget`` swaps are
     scored. Chosen moves are tried for removal costliest first, replacements by local error per unit."""
-    tries: list[dict] = []
+    tries: list[Try] = []
     tried: set[Sources] = {best.src}
     path = [best]  # the maps the swaps passed through, for ``choose``
     improved = True
@@ -168,10 +162,8 @@ def refine(scorer: Scorer, best: Partial, err: dict[str, torch.Tensor], types: l
                 tried.add(src)
                 scored = scorer.score(best.state, to_plan(src))
                 gain = _loss(scorer, scored.value()) - _loss(scorer, best.value)
-                rec = {"step": "refine", "j": u.j, "i": u.i, "source": u.i, "tensors": u.tensors,
-                       "move": f"{m.label()} → {u.label()}", "score": round(scored.value(), 6),
-                       "accepted": gain < -1e-9, "kept": len(best.moves), "removed": goal.fraction(src),
-                       "needed": goal.needed / (2 * sum(goal.units))}
+                rec = Try("refine", u.j, u.i, u.tensors, f"{m.label()} → {u.label()}", round(scored.value(), 6),
+                          gain < -1e-9, len(best.moves), goal.fraction(src), goal.needed / (2 * sum(goal.units)))
                 tries.append(rec)
                 if on_try:
                     on_try(rec)
@@ -189,3 +181,90 @@ def refine(scorer: Scorer, best: Partial, err: dict[str, torch.Tensor], types: l
     if choose is not None and len(path) > 1:
         return choose(path), tries
     return best, tries
+
+
+def holdout_rows(rows: int, share: float) -> tuple[list[int], list[int]]:
+    """(fit rows, held-out rows) of the calibration chunks: every ``round(1 / share)``-th chunk is held out, so both
+    parts spread over the whole text; no chunk is held out at ``share`` 0."""
+    if not share:
+        return list(range(rows)), []
+    step = max(2, round(1 / share))
+    held = list(range(step - 1, rows, step))
+    if not held:
+        raise KvtoolError(f"--holdout {share}: {rows} calibration chunks leave none to hold out; calibrate with "
+                          f"more --samples")
+    return [r for r in range(rows) if r not in held], held
+
+
+def held_out_choice(selector: Scorer, num_layers: int) -> tuple[Choose, dict[str, Any]]:
+    """A ``choose`` for ``best_first``/``refine``: the candidate with the best score on the held-out chunks (ties:
+    the earlier moves), and a dict that records how many maps it compared and the chosen one's score. Each map is
+    scored once (the refinement starts from the beam's choice)."""
+    record: dict[str, Any] = {"compared": 0}
+    values: dict[Sources, float] = {}
+    if selector.own_reference:  # the unshared model's own outputs under the scoring precision are the reference
+        selector.initial(SharingPlan.identity(num_layers))
+
+    def score_of(c: Partial) -> float:
+        if c.src not in values:
+            values[c.src] = selector.initial(to_plan(c.src)).value
+            record["compared"] += 1
+        return values[c.src]
+
+    def choose(candidates: list[Partial]) -> Partial:
+        scored = [(score_of(c), c) for c in candidates]
+        sign = -1 if HIGHER_IS_BETTER[selector.metric] else 1
+        value, best = min(scored, key=lambda x: (sign * x[0], x[1].moves))
+        record["score"] = round(value, 6)
+        return best
+
+    return choose, record
+
+
+@dataclass
+class BestFirst:
+    """kvtool's search: moves taken by calibration KL per byte, ``pool`` candidates scored per partial map and
+    step, ``width`` partial maps kept, then at most ``refine`` swaps; ``holdout`` of the calibration chunks choose
+    among the finished maps."""
+
+    pool: int = 4
+    width: int = 1
+    refine: int = 0
+    granularity: str = "layer"
+    screen: int = 1
+    holdout: float = 0.0
+    default_metric = "kl"
+    guarded = False
+
+    @classmethod
+    def from_settings(cls, s: SearchSettings) -> BestFirst:
+        return cls(s.pool, s.beam_width, s.refine, s.granularity, s.screen, s.holdout)
+
+    def label(self) -> str:
+        extra = [f"pool {self.pool}"] + [f"width {self.width}"] * (self.width > 1) + \
+            [f"refine {self.refine}"] * bool(self.refine) + [f"{self.granularity}s"] * (self.granularity != "layer") + \
+            [f"holdout {self.holdout:g}"] * bool(self.holdout)
+        return f"best-first ({', '.join(extra)})"
+
+    def run(self, ctx: Context) -> Outcome:
+        L = len(ctx.types)
+        fit, held = holdout_rows(ctx.stats.input_ids.shape[0], self.holdout)
+        scorer = ctx.scorer(fit)
+        choose, chosen = (None, {}) if not held else held_out_choice(ctx.scorer(held, incremental=False), L)
+        err = ctx.local_errors(("kv", "k", "v") if self.granularity == "tensor" else ("kv",))
+        best, tries, reached = best_first(scorer, err, ctx.types, ctx.goal, pool=self.pool, width=self.width,
+                                          threshold=ctx.threshold, granularity=self.granularity, screen=self.screen,
+                                          on_try=ctx.on_try, choose=choose)
+        swaps: list[Try] = []
+        if self.refine and reached:
+            t0 = time.time()
+            best, swaps = refine(scorer, best, err, ctx.types, ctx.goal, budget=self.refine, pool=self.pool,
+                                 granularity=self.granularity, on_try=ctx.on_try, choose=choose)
+            ctx.phases["refine"] = time.time() - t0
+        facts: dict[str, Any] = {"pairs_tried": len(tries), "swaps_tried": len(swaps),
+                                 "layer_forwards": scorer.layer_forwards}
+        if held:
+            facts.update(holdout_rows=len(held), holdout_maps_compared=chosen.get("compared", 0),
+                         holdout_score=chosen.get("score"))
+        return Outcome(best.src, round(best.value, 6) if best.moves else None, tries + swaps, reached, facts,
+                       {**ctx.phases, **scorer.seconds})

@@ -13,12 +13,13 @@ from kvtool.atomic import check_writable_file, write_json_atomic
 from kvtool.crosslayer.runtime import sharing
 from kvtool.data.texts import heldout_chunks
 from kvtool.formats.plan import SharingPlan
-from kvtool.formats.recipe import LAYOUTS, ORDERS
 from kvtool.formats.stats import CalibrationStats
 from kvtool.io.loading import model_and_tokenizer
 from kvtool.metrics import cosine_score, kl_per_sample, logits_from_hidden, perplexity
 from kvtool.progress import Log
-from kvtool.search.search import num_consumers, search
+from kvtool.search.layouts import LAYOUTS
+from kvtool.search.search import search
+from kvtool.search.strategies import ORDERS
 
 
 @dataclass
@@ -50,10 +51,12 @@ def calibration_metrics(model, stats: CalibrationStats, plan: SharingPlan, batch
     return float(torch.cat(cos).mean()), float(torch.cat(kl).mean())
 
 
-def compare(stats: CalibrationStats, model, tokenizer, target: float, *,
-            orders=ORDERS, layouts=LAYOUTS, extra: dict[str, dict] | None = None, seed: int = 0,
-            threshold: float | None = None, heldout: torch.Tensor | None = None, log=None) -> list[CompareRow]:
-    """Search with each order (and ``extra`` search kwargs by name), build each layout, then score all alike."""
+def compare(stats: CalibrationStats, model, tokenizer, target: float | None, *,
+            orders=tuple(ORDERS), layouts=tuple(LAYOUTS), extra: dict[str, dict] | None = None, seed: int = 0,
+            threshold: float | None = None, heldout: torch.Tensor | None = None, layers: int | None = None,
+            log=None) -> list[CompareRow]:
+    """Search with each order (and ``extra`` search kwargs by name), build each layout, then score all alike
+    (at ``target`` of the KV bytes, or ``layers`` whole consumer layers)."""
     if heldout is None:
         heldout = heldout_chunks(tokenizer).input_ids
     plans: list[tuple[str, SharingPlan, float]] = []
@@ -64,7 +67,8 @@ def compare(stats: CalibrationStats, model, tokenizer, target: float, *,
     runs.update(extra or {})
     for name, kw in runs.items():
         t = time.time()
-        r = search(stats, model=model, target=target, seed=seed, threshold=threshold, allow_partial=True, **kw)
+        r = search(stats, model=model, target=target, layers=layers, seed=seed, threshold=threshold,
+                   allow_partial=True, **kw)
         plans.append((name, r.plan, time.time() - t))
         if log:
             note = " (partial: the guard stopped it)" if r.partial else ""
@@ -104,9 +108,10 @@ def compare_maps(stats: str | Path | CalibrationStats, *, target: float | None =
     st = stats if isinstance(stats, CalibrationStats) else CalibrationStats.load(stats)
     m, tok = model_and_tokenizer(model, fallback=st.meta.get("model"), dtype=dtype, device=device)
     if layers is not None:
-        target = num_consumers(st.num_layers, None, layers) / st.num_layers
-    rows = compare(st, m, tok, target, seed=seed, threshold=threshold, log=log)
-    report = {"model": st.meta["model_name"], "target": target, "base_ppl": rows[0].heldout_ppl,
+        target = None
+    rows = compare(st, m, tok, target, seed=seed, threshold=threshold, layers=layers, log=log)
+    report = {"model": st.meta["model_name"], "target": target if layers is None else layers / st.num_layers,
+              "base_ppl": rows[0].heldout_ppl,
               "rows": rows_as_dicts(rows), "spearman": rank_correlation(rows[1:])}
     if json_out is not None:
         write_json_atomic(json_out, {k: report[k] for k in ("target", "rows", "spearman")})

@@ -5,9 +5,12 @@ Every layout respects attention types: a consumer only reads an earlier owner of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
-from kvtool.formats.recipe import LAYOUTS
+from kvtool.formats.recipe import SearchSettings
+from kvtool.search.strategy import Context, Outcome
 
 
 def _even(candidates: list, n: int) -> list:
@@ -67,10 +70,44 @@ def grouped(types: list[str], n: int, group_size: int = 4) -> dict[int, int]:
     return out
 
 
-def layout_plan(name: str, types: list[str], n: int, **kw) -> SharingPlan:
-    fn = {"adjacent": adjacent, "tail": tail, "grouped": grouped}.get(name)
+LAYOUTS = {"adjacent": adjacent, "tail": tail, "grouped": grouped}
+
+
+def layout_pairs(name: str, types: list[str], n: int, group_size: int = 4) -> dict[int, int]:
+    """``{consumer: source}`` of layout ``name`` with ``n`` consumers."""
+    fn = LAYOUTS.get(name)
     if fn is None:
         raise KvtoolError(f"unknown layout {name!r}; use one of {', '.join(LAYOUTS)}")
-    pairs = fn(types, n, **kw)
-    return SharingPlan.from_pairs(len(types), pairs, method=f"layout:{name}", layer_types=list(types),
-                                  details={"layout": name, **kw})
+    return fn(types, n, group_size) if name == "grouped" else fn(types, n)
+
+
+def layout_plan(name: str, types: list[str], n: int, group_size: int = 4) -> SharingPlan:
+    """The plan of layout ``name`` with ``n`` consumers."""
+    return SharingPlan.from_pairs(len(types), layout_pairs(name, types, n, group_size), method=f"layout:{name}",
+                                  layer_types=list(types))
+
+
+@dataclass
+class Layout:
+    """A fixed layout at the fewest consumers that meet the byte goal (or ``--layers`` consumers); unscored."""
+
+    name: str = "adjacent"
+    group_size: int = 4  # for "grouped"
+    default_metric = "kl"
+    guarded = False
+
+    @classmethod
+    def from_settings(cls, s: SearchSettings) -> Layout:
+        return cls(s.layout or "adjacent", s.group_size)
+
+    def label(self) -> str:
+        return f"layout:{self.name}" + (f" (groups of {self.group_size})" if self.name == "grouped" else "")
+
+    def run(self, ctx: Context) -> Outcome:
+        L, goal = len(ctx.types), ctx.goal
+        for n in range(L) if goal.layers is None else [goal.layers]:
+            src = layout_plan(self.name, ctx.types, n, self.group_size).kv_source_layers
+            sources = (tuple(src), tuple(src))
+            if goal.reached(sources):
+                return Outcome(sources, None, facts={"consumers": n})
+        raise KvtoolError(f"the {self.name} layout cannot remove {ctx.needed:.0%} of the KV bytes")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvtool.formats.cache_size import removed_share, removed_units
+
 TENSORS = {"kv": ("k", "v"), "k": ("k",), "v": ("v",)}
 
 
@@ -52,11 +54,6 @@ def saved_units(m: Move, units: list[int]) -> int:
     return len(TENSORS[m.tensors]) * units[m.j]
 
 
-def removed_units(src: Sources, units: list[int]) -> int:
-    k, v = src
-    return sum(units[j] for j in range(len(k)) if k[j] != j) + sum(units[j] for j in range(len(v)) if v[j] != j)
-
-
 def admissible(src: Sources, types: list[str], granularity: str) -> list[Move]:
     """Every move allowed from ``src``: whole layers, and with ``granularity="tensor"`` keys or values alone."""
     k, v = src
@@ -91,7 +88,7 @@ class Goal:
         if self.layers is not None:
             have = sum(1 for j, (a, b) in enumerate(zip(*src, strict=True)) if a != j and b != j)
             return max(0, self.layers - have) * 2 * max(self.units)
-        return max(0, self.needed - removed_units(src, list(self.units)))
+        return max(0, self.needed - removed_units(*src, self.units))
 
     def fraction(self, src: Sources) -> float:
-        return removed_units(src, list(self.units)) / (2 * sum(self.units))
+        return removed_share(*src, self.units)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kvtool.crosslayer.archs import decoder_layers
-from kvtool.crosslayer.runtime import observe, sharing, sharing_state
+from kvtool.crosslayer.runtime import observe, preloaded, sharing
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import METRICS
@@ -86,6 +86,7 @@ class Scorer:
         # ``own_reference``: compare against this model's own unshared outputs (computed by the first ``initial``
         # of the identity plan) instead of the calibration's stored ones, e.g. when scoring a lower-precision copy,
         # so that the unshared model scores exactly 0 KL / cosine 1
+        self.own_reference = own_reference
         self._reference_pending = own_reference
         self._linear_head = not getattr(model.config, "final_logit_softcapping", None)
         if not own_reference:
@@ -151,13 +152,10 @@ class Scorer:
     def _run_from(self, state: ScoreState, k: int, start: int, plan: SharingPlan):
         """Layers start..L-1 of batch ``k`` from the state's stored input, under ``plan`` (already installed);
         returns (final, (new layer inputs, new owner K/V))."""
-        st = sharing_state(self.model)
         kv = state.kv[k]
         ks, vs = plan.k_sources, plan.v_sources
-        for j in range(start, self.L):  # the K/V of owners below ``start`` that layers from ``start`` on read
-            for t, src in (("k", ks), ("v", vs)):
-                if src[j] != j and src[j] < start:
-                    st.store[(t, src[j])] = kv[(t, src[j])]
+        below = {(t, src[j]): kv[(t, src[j])] for j in range(start, self.L) for t, src in (("k", ks), ("v", vs))
+                 if src[j] != j and src[j] < start}  # the K/V of owners below ``start`` that layers from it read
         h = state.h_in[k][start]
         new_h, new_kv = {}, {}
 
@@ -167,16 +165,12 @@ class Scorer:
             if vs[layer] == layer:
                 new_kv[("v", layer)] = v.detach()
 
-        st.observer = obs
         t0 = time.perf_counter()
-        try:
+        with preloaded(self.model, below, obs):
             for idx in range(start, self.L):
                 new_h[idx] = h
                 h = self.layers[idx](h, **self.batches[k].kwargs[idx])
             h = self.model.model.norm(h)
-        finally:
-            st.observer = None
-            st.store.clear()
         self.seconds["layers"] += time.perf_counter() - t0
         self.layer_forwards += self.L - start
         return h, (new_h, new_kv)
