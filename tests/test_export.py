@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import kvtool
 from kvtool.cli import app
+from kvtool.crosslayer.runtime import active_plan
 from kvtool.errors import KvtoolError
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
@@ -60,7 +61,8 @@ def test_checkpoint_drops_exactly_the_consumer_kv(tmp_path):
     assert size(d / "model.safetensors") - size(tmp_path / "exp" / "model.safetensors") >= saved_bytes
     side = json.loads((tmp_path / "exp" / "kvtool.json").read_text())
     assert sorted(side["dropped_tensors"]) == sorted(dropped)
-    assert side["kv_source_layers"] == plan.kv_source_layers and side["versions"]["transformers"]
+    assert side["plan"]["kv_source_layers"] == plan.kv_source_layers and side["versions"]["transformers"]
+    assert "kv_source_layers" not in side and "merge" not in side  # the map is stored once, in the plan
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_corrupted_sidecar(exported):
 
 def test_sidecar_plan_that_does_not_fit(exported):
     side = json.loads((exported / "kvtool.json").read_text())
-    side["kv_source_layers"] = [0, 0, 1, 3, 4, 5]  # a chain: invalid
+    side["plan"]["kv_source_layers"] = [0, 0, 1, 3, 4, 5]  # a chain: invalid
     (exported / "kvtool.json").write_text(json.dumps(side))
     with pytest.raises(KvtoolError, match="itself a consumer"):
         kvtool.load(exported)
@@ -174,3 +176,34 @@ def test_smollm2_export_answers(smollm2, tmp_path):
     ids = prompt_ids(tok2, "What is the capital of France?")
     out = m2.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
     assert "Paris" in tok2.decode(out[0, ids.shape[1]:])
+
+
+def _as_version_1(exported) -> dict:
+    """The export's sidecar as the previous release wrote it (format 1: the map and merge repeated at the top)."""
+    side = json.loads((exported / "kvtool.json").read_text())
+    side.update(format_version=1, kv_source_layers=side["plan"]["kv_source_layers"], merge=side["plan"]["merge"])
+    (exported / "kvtool.json").write_text(json.dumps(side))
+    return side
+
+
+def test_the_last_releases_exports_load_and_tampered_ones_are_refused(exported):
+    plan = json.loads((exported / "kvtool.json").read_text())["plan"]
+    side = _as_version_1(exported)
+    m, _ = kvtool.load(exported)  # format 1 reads in today's shape, KV checked
+    assert active_plan(m).to_dict() == plan
+    side["kv_source_layers"] = [0, 1, 1, 3, 3, 5]  # its two copies of the map disagree
+    (exported / "kvtool.json").write_text(json.dumps(side))
+    with pytest.raises(KvtoolError, match="its map and its plan disagree.*re-export"):
+        kvtool.load(exported)
+    side.update(format_version=7)
+    (exported / "kvtool.json").write_text(json.dumps(side))
+    with pytest.raises(KvtoolError, match="format version 7 is not supported.*re-export"):
+        kvtool.load(exported)
+
+
+def test_a_sidecar_map_that_config_json_does_not_carry_is_refused(exported):
+    side = json.loads((exported / "kvtool.json").read_text())
+    side["plan"]["kv_source_layers"] = [0, 0, 2, 2, 4, 4]  # valid, but not the map the weights were exported with
+    (exported / "kvtool.json").write_text(json.dumps(side))
+    with pytest.raises(KvtoolError, match="config.json and kvtool.json disagree on kv_source_layers"):
+        kvtool.load(exported)

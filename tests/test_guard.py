@@ -142,9 +142,7 @@ def test_remote_code_refuses_weights_that_do_not_match_its_map(tmp_path):
     other = [0, 1, 2, 2, 4, 4]  # layers 3 and 5 read, 2 and 4 own: weights for 3/5 exist, for 4 do not
     for name in ("config.json", "kvtool.json"):
         d_ = json.loads((tmp_path / "exp" / name).read_text())
-        d_["kv_source_layers"] = other
-        if "plan" in d_:
-            d_["plan"]["kv_source_layers"] = other
+        (d_["plan"] if name == "kvtool.json" else d_)["kv_source_layers"] = other
         (tmp_path / "exp" / name).write_text(json.dumps(d_))
     with pytest.raises(RuntimeError, match="do not match the sharing map.*missing keys.*layers.4.self_attn"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "exp", trust_remote_code=True)

@@ -183,7 +183,7 @@ def test_export_carries_merge_settings_and_load_turns_them_on(tmp_path):
     plan = plan_for(m)
     plan.merge = make_method(budget=0.5, protected_layers=[]).to_dict()
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")
-    assert read_sidecar(tmp_path / "exp")["merge"]["budget"] == 0.5
+    assert read_sidecar(tmp_path / "exp")["plan"]["merge"]["budget"] == 0.5
     m2, _ = kvtool.load(tmp_path / "exp")
     assert active_merge(m2).budget == 0.5
     c = DynamicCache(config=m2.config)

@@ -158,3 +158,60 @@ def test_cli_search_and_compare(tiny_dir, tmp_path):
     assert rows[0]["calib_cosine"] == pytest.approx(1.0, abs=1e-4) and rows[0]["calib_kl"] == pytest.approx(0, abs=1e-5)
     r = runner.invoke(app, ["search", "--stats", str(tmp_path / "nope"), "--out", str(tmp_path / "x.json")])
     assert r.exit_code == 2 and "not a calibration directory" in r.output
+
+
+def test_a_new_order_is_one_class_and_one_registry_line(llama_stats, monkeypatch):
+    """What docs/ARCHITECTURE.md promises: a strategy class plus one line in ``ORDERS``, and ``--order`` runs it."""
+    from dataclasses import dataclass
+
+    from kvtool.search import strategies
+    from kvtool.search.moves import identity
+    from kvtool.search.orders import with_pair
+    from kvtool.search.strategy import Context, Outcome, Try
+
+    @dataclass
+    class Deepest:  # the deepest layers read their neighbour below, until the byte goal is met
+        default_metric = "kl"
+        guarded = False
+
+        @classmethod
+        def from_settings(cls, s):
+            return cls()
+
+        def label(self) -> str:
+            return "deepest"
+
+        def run(self, ctx: Context) -> Outcome:
+            src, tries, scorer = identity(len(ctx.types)), [], ctx.scorer()
+            for j in range(len(ctx.types) - 1, 1, -2):
+                if ctx.goal.reached(src):
+                    break
+                src = with_pair(src, j - 1, j)
+                tries.append(ctx.tried(Try(len(tries), j, j - 1, "kv", f"{j}←{j - 1}", 0.0, True, len(tries) + 1,
+                                           ctx.removed(src), ctx.needed)))
+            return Outcome(src, round(scorer.initial(SharingPlan.from_tensors(*map(list, src))).value, 6), tries)
+
+    monkeypatch.setitem(strategies.ORDERS, "deepest", Deepest)
+    m, st = llama_stats
+    seen = []
+    r = search(st, model=m, target=0.25, order="deepest", on_try=seen.append)
+    L = st.num_layers
+    assert r.plan.method == "deepest" and r.plan.consumers == [L - 3, L - 1]
+    assert r.plan.details["measured"]["kv_bytes_removed"] >= 0.25 and seen == r.tries and r.plan.score >= 0
+    assert r.plan.details["recipe"]["search"]["order"] == "deepest"
+
+
+def test_layouts_meet_the_byte_target_with_the_fewest_layers(tmp_path):
+    """``--target`` is a share of KV bytes for layouts too: a sliding-window model's sliding layers hold few
+    bytes, so a layout takes as many layers as the bytes need, and the plan says what it removed."""
+    from kvtool.calibration.calibrate import calibrate
+    from kvtool.io.tiny import tiny_model, tiny_tokenizer
+
+    m = tiny_model("gemma3_text", num_hidden_layers=12)
+    st = calibrate(m, tokenizer=tiny_tokenizer(), samples=2, seq_len=16)
+    for target in (0.1, 0.3, 0.5):  # at 0.5, round(0.5 · 12) = 6 layers would remove 49.8%
+        plan = search(st, layout="tail", target=target).plan  # no model needed: the calibration has the window
+        removed = plan.details["measured"]["kv_bytes_removed"]
+        assert removed >= target and removed == round(plan.removed_share(m.config.sliding_window), 6)
+        fewer = search(st, layout="tail", layers=len(plan.consumers) - 1).plan
+        assert fewer.removed_share(m.config.sliding_window) < target  # the fewest layers that meet it

@@ -187,8 +187,10 @@ def check_export(path: str | Path) -> SharingMap:
 
 
 def read_merge(path: str | Path) -> Any:
-    """The prompt-KV merging setting an export's kvtool.json records (None when none or no sidecar)."""
+    """The prompt-KV merging setting an export's kvtool.json records (None when none or no sidecar): its plan's
+    ``merge`` (format 2; format 1 repeated it at the top)."""
     try:
-        return json.loads((Path(path) / "kvtool.json").read_text()).get("merge")
-    except (OSError, ValueError, AttributeError):
+        side = json.loads((Path(path) / "kvtool.json").read_text())
+        return side["plan"].get("merge") if side.get("format_version", 1) >= 2 else side.get("merge")
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return None

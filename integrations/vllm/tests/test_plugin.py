@@ -132,7 +132,7 @@ def test_prompt_merging_is_said_once_not_dropped(fx, tmp_path):
     exp = tmp_path / "merged"
     shutil.copytree(fx["root"] / "llama" / "shared", exp)
     side = json.loads((exp / "kvtool.json").read_text())
-    side["merge"] = {"method": "kvmerger", "budget": 0.5}
+    side["plan"]["merge"] = {"method": "kvmerger", "budget": 0.5}
     (exp / "kvtool.json").write_text(json.dumps(side))
     run = engine(exp, tmp_path / "run", greedy={"prompts": fx["prompts"][:1], "max_tokens": 4})
     assert run["returncode"] == 0
