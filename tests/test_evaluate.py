@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pytest
 from typer.testing import CliRunner
@@ -8,19 +10,23 @@ from typer.testing import CliRunner
 import kvtool
 from kvtool.cli import app
 from kvtool.data.passkey import answer_ok, build_cases
-from kvtool.evaluation.evaluate import evaluate
-from kvtool.evaluation.variants import EvalSettings
+from kvtool.errors import KvtoolError
+from kvtool.evaluation.evaluate import evaluate, make_tasks
+from kvtool.evaluation.task import EvalContext, EvalTask, Row, opt, ratio_spread, shown_ratio
+from kvtool.evaluation.tasks import TASKS, default_tasks
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
 from kvtool.merging.methods import METHODS
 
-FAST = EvalSettings(ppl_samples=2, ppl_seq_len=32, gen_new_tokens=6, passkey_lengths=(64,), passkey_depths=(0.5,),
-                    speed_batch=1, speed_prompt=16, speed_new=2, speed_repeats=1)
+HELD_OUT = {"samples": 2, "seq_len": 32}
+PROBE = {"batch": 1, "prompt": 16, "new": 2, "repeats": 1}
+FAST = {"ppl": HELD_OUT, "fidelity": HELD_OUT, "generate": {"new_tokens": 6},
+        "passkey": {"lengths": (64,), "depths": (0.5,)}, "memory": PROBE, "speed": PROBE}
 
 
 def test_identity_plan_costs_nothing(tiny_dir, tmp_path):
     SharingPlan.identity(6).save(tmp_path / "id.json")
-    rep = evaluate(plan=tmp_path / "id.json", model=str(tiny_dir), settings=FAST, json_out=tmp_path / "r.json")
+    rep = evaluate(plan=tmp_path / "id.json", model=str(tiny_dir), options=FAST, json_out=tmp_path / "r.json")
     T = rep["tasks"]
     assert T["ppl"]["ratio"] == pytest.approx(1.0)
     assert T["fidelity"]["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -31,11 +37,13 @@ def test_identity_plan_costs_nothing(tiny_dir, tmp_path):
     acc = T["passkey"]["accuracy"]
     assert acc["base"] == acc["shared"]
     assert json.loads((tmp_path / "r.json").read_text())["tasks"]["ppl"]["tokens"] == 2 * 31
+    assert set(rep["seconds"]) == {"load", *T} and "merge" not in T  # no merge budget: nothing to compare
+    assert T["speed"]["decode_tok_s"]["pairs"] == 1
 
 
 def test_sharing_everything_possible_matches_the_formula(tiny_dir, tmp_path):
     SharingPlan([0] * 6).save(tmp_path / "all.json")  # 5 of 6 layers read layer 0
-    rep = evaluate(plan=tmp_path / "all.json", model=str(tiny_dir), settings=FAST, tasks=("ppl", "memory"))
+    rep = evaluate(plan=tmp_path / "all.json", model=str(tiny_dir), options=FAST, tasks=("ppl", "memory"))
     assert rep["tasks"]["memory"]["kv_bytes"]["ratio"] == pytest.approx(1 / 6)
     assert rep["tasks"]["memory"]["kv_bytes_prefill"]["ratio"] == pytest.approx(1 / 6)
     assert rep["tasks"]["ppl"]["ratio"] != pytest.approx(1.0)
@@ -44,7 +52,7 @@ def test_sharing_everything_possible_matches_the_formula(tiny_dir, tmp_path):
 def test_eval_of_an_export_records_metrics(tiny_dir, tmp_path):
     m, tok = kvtool.load(tiny_dir)
     export(SharingPlan([0, 1, 1, 3, 3, 5]), model=m, tokenizer=tok, out=tmp_path / "exp")
-    rep = evaluate(tmp_path / "exp", settings=FAST, tasks=("ppl", "memory"), plots=tmp_path / "plots")
+    rep = evaluate(tmp_path / "exp", options=FAST, tasks=("ppl", "memory"), plots=tmp_path / "plots")
     assert rep["tasks"]["memory"]["kv_bytes"]["ratio"] == pytest.approx(4 / 6)
     side = json.loads((tmp_path / "exp" / "kvtool.json").read_text())
     assert side["metrics"]["kv_bytes_ratio"] == pytest.approx(4 / 6)
@@ -87,13 +95,10 @@ def test_cli_eval_and_frontier(tiny_dir, tmp_path):
 
 
 def test_merge_task_compares_merging_with_eviction(tiny_dir, tmp_path):
-    from dataclasses import replace
-
     plan = SharingPlan([0, 1, 1, 3, 3, 5], merge={"method": "kvmerger", "budget": 0.5, "protected_layers": []})
     plan.save(tmp_path / "m.json")
-    fast = replace(FAST, merge_passkey_length=64, merge_passkey_depths=(0.5,), merge_ppl_samples=1,
-                   merge_ppl_context=48, merge_ppl_new=16)
-    rep = evaluate(plan=tmp_path / "m.json", model=str(tiny_dir), settings=fast, tasks=("merge",))
+    fast = {"merge": {"length": 64, "depths": 1, "ppl_samples": 1}}  # passkey at depth 0.5, ppl of 16 after 48
+    rep = evaluate(plan=tmp_path / "m.json", model=str(tiny_dir), options=fast, tasks=("merge",))
     rows = rep["tasks"]["merge"]["rows"]
     assert [(r["variant"], r["method"]) for r in rows] == [
         (v, m) for v in ("base", "shared") for m in ("none", *METHODS)]
@@ -126,3 +131,87 @@ def test_cli_eval_of_a_per_tensor_plan(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "r.json").read_text())
     assert "0.6667" in r.output and rep["tasks"]["memory"]["kv_bytes"]["ratio"] == pytest.approx(8 / 12)
+
+
+@dataclass
+class Toy(EvalTask):
+    """A task of the test's own: how many layers own KV, times a factor."""
+
+    name: ClassVar[str] = "toy"
+    help: ClassVar[str] = "layers that own KV, times a factor"
+    factor: int = opt(1, "the factor", min=1)
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]:
+        L = ctx.v.base.config.num_hidden_layers
+        return {"base": L * self.factor, "shared": len(set(ctx.v.plan.kv_source_layers)) * self.factor}
+
+    @staticmethod
+    def summary(result: dict[str, Any]) -> dict[str, Any]:
+        return {"toy_owners": result["shared"]}
+
+    @staticmethod
+    def rows(result: dict[str, Any]) -> list[Row]:
+        return [("owners × factor", str(result["base"]), str(result["shared"]),
+                 f"{result['shared'] / result['base']:.3f}")]
+
+    @staticmethod
+    def table(result: dict[str, Any]) -> Any:
+        from rich.table import Table
+
+        t = Table(title="toy table")
+        t.add_column("owners")
+        t.add_row(str(result["shared"]))
+        return t
+
+
+def test_a_registered_task_runs_is_summarised_and_tabled(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(TASKS, "toy", Toy)  # one module (here, the class above) and one registry line
+    m, tok = kvtool.load(tiny_dir)
+    export(SharingPlan([0, 1, 1, 3, 3, 5]), model=m, tokenizer=tok, out=tmp_path / "exp")
+    rep = evaluate(tmp_path / "exp", tasks=("toy",), options={"toy": {"factor": "3"}})
+    assert rep["tasks"]["toy"] == {"base": 18, "shared": 12} and rep["settings"]["toy"] == {"factor": 3}
+    assert set(rep["seconds"]) == {"load", "toy"}
+    assert json.loads((tmp_path / "exp" / "kvtool.json").read_text())["metrics"]["toy_owners"] == 12
+    runner = CliRunner()
+    r = runner.invoke(app, ["eval", str(tmp_path / "exp"), "--tasks", "toy,ppl", "--set", "toy.factor=2",
+                            "--ppl-samples", "1", "--ppl-seq-len", "16"])
+    assert r.exit_code == 0, r.output
+    assert "owners × factor" in r.output and "toy table" in r.output and "perplexity" in r.output
+    assert "seconds: load" in r.output
+    r = runner.invoke(app, ["eval", "--list-options"])
+    assert r.exit_code == 0 and "toy.factor" in r.output
+    for bad, says in ((["--set", "toy.nope=1"], "no option 'nope'"), (["--set", "toy.factor=x"], "cannot read"),
+                      (["--set", "toy.factor=0"], "at least 1"), (["--set", "toy=1"], "TASK.OPTION=VALUE"),
+                      (["--set", "nosuch.x=1"], "unknown task"), (["--no-such-flag", "1"], "no option --no-such")):
+        r = runner.invoke(app, ["eval", str(tmp_path / "exp"), "--tasks", "toy", *bad])
+        assert r.exit_code == 2 and says in r.output and "Traceback" not in r.output, (bad, r.output)
+
+
+def test_quick_and_full_settings():
+    quick, full = make_tasks(), make_tasks(full=True)
+    assert [t.name for t in quick] == [t.name for t in full] == list(default_tasks())
+    by_q, by_f = {t.name: t for t in quick}, {t.name: t for t in full}
+    assert by_q["passkey"].lengths == (512, 1024) and by_f["passkey"].lengths == (512, 1024, 2048)
+    assert not by_q["memory"].fresh and by_f["memory"].fresh and by_f["speed"].repeats > by_q["speed"].repeats
+    (p,) = make_tasks(["passkey"], {"passkey": {"lengths": "64"}}, full=True)  # options win over --full
+    assert p.lengths == (64,) and p.depths == (0.1, 0.5, 0.9)
+    with pytest.raises(KvtoolError, match="unknown task"):
+        make_tasks(["ppl", "bogus"])
+
+
+def test_a_ratio_whose_spread_holds_one_is_within_noise():
+    r = ratio_spread([10.0, 10.0, 10.0], [8.9, 11.0, 10.2])
+    assert r["within_noise"] and r["ratio"] == pytest.approx(1.02) and r["low"] == pytest.approx(0.89)
+    assert shown_ratio(r) == "1.02× (0.89–1.10), within noise"
+    r = ratio_spread([10.0, 10.0, 10.0], [12.0, 13.0, 12.5])
+    assert not r["within_noise"] and shown_ratio(r) == "1.25× (1.20–1.30)"
+    assert "noise unknown" in shown_ratio(ratio_spread([10.0], [8.0]))
+
+
+@pytest.mark.slow
+def test_memory_in_fresh_processes_adds_process_memory(tiny_dir, tmp_path):
+    SharingPlan([0, 1, 1, 3, 3, 5]).save(tmp_path / "a.json")
+    rep = evaluate(plan=tmp_path / "a.json", model=str(tiny_dir), tasks=("memory",),
+                   options={"memory": {**PROBE, "fresh": True}})
+    m = rep["tasks"]["memory"]
+    assert m["kv_bytes"]["ratio"] == pytest.approx(4 / 6) and m["peak_rss_mib"]["base"] > 0

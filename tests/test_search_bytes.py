@@ -137,7 +137,8 @@ def test_cli_guard_and_partial(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     assert "of the KV bytes removed" in r.output
     plan = SharingPlan.load(tmp_path / "p.json")
-    assert plan.details["recipe"]["search"]["granularity"] == "tensor" and plan.details["measured"]["kv_bytes_removed"] >= 0.3 - 1e-9
+    assert plan.details["recipe"]["search"]["granularity"] == "tensor"
+    assert plan.details["measured"]["kv_bytes_removed"] >= 0.3 - 1e-9
 
 
 def test_old_recipes_still_load():
@@ -147,9 +148,8 @@ def test_old_recipes_still_load():
 
 
 def test_holdout_chooses_the_beams_finished_map_by_its_kl_on_chunks_it_was_not_fitted_on(tok):
-    from kvtool.search.best_first import Partial
+    from kvtool.search.best_first import Partial, held_out_choice, holdout_rows
     from kvtool.search.scoring import Scorer
-    from kvtool.search.best_first import held_out_choice, holdout_rows
 
     assert holdout_rows(8, 0.25) == ([0, 1, 2, 4, 5, 6], [3, 7]) and holdout_rows(8, 0) == (list(range(8)), [])
     with pytest.raises(KvtoolError, match="more --samples"):

@@ -12,7 +12,6 @@ from kvtool.crosslayer.runtime import apply_sharing
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.evaluate import evaluate
 from kvtool.evaluation.serve import parse_size
-from kvtool.evaluation.variants import EvalSettings
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
 from kvtool.io.tiny import TINY_ARCHS, tiny_model
@@ -26,14 +25,15 @@ def test_parse_size():
         parse_size("lots")
 
 
+@pytest.mark.slow
 def test_serve_fits_the_budget_and_batch_grows_by_the_owners_share(tiny_dir, tmp_path):
     m, tok = kvtool.load(tiny_dir)
     plan = SharingPlan([0, 1, 1, 3, 3, 5], merge=make_method(budget=0.5, protected_layers=[]).to_dict())
     export(plan, model=m, tokenizer=tok, out=tmp_path / "exp")  # 4 of 6 layers own KV
     per_seq = 6 * (48 + 8) * entry_bytes(m)  # base: 6 layers x (48 prompt + 8 new) entries
     budget = 10 * per_seq + 123
-    s = EvalSettings(serve_kv_budget=budget, serve_prompt=48, serve_new=8, serve_repeats=1)
-    rep = evaluate(tmp_path / "exp", settings=s, tasks=("serve",))
+    s = {"serve": {"kv_budget": budget, "prompt": 48, "new": 8, "repeats": 1}}
+    rep = evaluate(tmp_path / "exp", options=s, tasks=("serve",))
     rows = rep["tasks"]["serve"]["rows"]
     assert rows["base"]["kv_bytes_per_seq"] == per_seq and rows["base"]["max_batch"] == 10
     assert rows["shared"]["kv_bytes_per_seq"] == per_seq * 4 // 6 and rows["shared"]["max_batch"] == 15
@@ -47,7 +47,7 @@ def test_serve_fits_the_budget_and_batch_grows_by_the_owners_share(tiny_dir, tmp
     assert rows["shared+merge"]["max_batch"] > rows["shared"]["max_batch"]
     assert rows["base+merge"]["max_batch"] > rows["base"]["max_batch"]
     with pytest.raises(KvtoolError, match="needs a KV budget"):
-        evaluate(tmp_path / "exp", settings=EvalSettings(), tasks=("serve",))
+        evaluate(tmp_path / "exp", tasks=("serve",))
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -68,6 +68,7 @@ def test_static_cache_allocates_nothing_for_consumers(arch):
         m.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
 
 
+@pytest.mark.slow
 def test_cli_prints_the_serve_rows(tiny_dir, tmp_path):
     from typer.testing import CliRunner
 

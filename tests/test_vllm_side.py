@@ -15,9 +15,7 @@ from kvtool.cli import app
 from kvtool.crosslayer.runtime import sharing_state
 from kvtool.errors import CheckFailed, KvtoolError
 from kvtool.evaluation import engine as engine_mod
-from kvtool.evaluation import evaluate as evaluate_mod
 from kvtool.evaluation.evaluate import evaluate
-from kvtool.evaluation.variants import EvalSettings
 from kvtool.formats.cache_size import engine_blocks, kv_page_bytes
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
@@ -32,6 +30,7 @@ def shared_dir(tiny_dir, tmp_path):
     return tmp_path / "exp"
 
 
+@pytest.mark.slow
 def test_vllm_python_refuses_an_interpreter_without_vllm(tmp_path, monkeypatch):
     monkeypatch.delenv("KVTOOL_VLLM_PYTHON", raising=False)
     with pytest.raises(KvtoolError, match="cannot import vllm and the kvtool_vllm plugin: run `bash .ci/install"):
@@ -76,7 +75,7 @@ def test_cache_info_is_read_from_metrics():
 def _fake_engine(monkeypatch, blocks: dict[str, int], gap: float = 0.0):
     """Engine results as vLLM would give them, computed from kvtool's own model (plus ``gap`` nats)."""
     monkeypatch.setattr(engine_mod, "check_export", lambda py, d: {"layers": 6, "owners": 3, "merge": None})
-    monkeypatch.setattr(evaluate_mod, "find_vllm_python", lambda p: "python")
+    monkeypatch.setattr(engine_mod, "vllm_python", lambda p: "python")
 
     def run(python, job, **kw):
         which = "shared" if job["model"].endswith("exp") else "base"
@@ -112,12 +111,12 @@ def _fake_engine(monkeypatch, blocks: dict[str, int], gap: float = 0.0):
     monkeypatch.setattr(engine_mod, "run_engine_job", run)
 
 
-SMALL = EvalSettings(ppl_samples=2, ppl_seq_len=32, gen_new_tokens=4, engine_prompt=32, engine_new=8)
+SMALL = {"engine": {"samples": 2, "seq_len": 32, "gen_new": 4, "prompt": 32, "new": 8}}
 
 
 def test_engine_task_reports_ratio_gap_and_throughput(shared_dir, monkeypatch, tmp_path):
     _fake_engine(monkeypatch, {"base": 42, "shared": 85, "base+fp8": 170, "shared+fp8": 341})
-    rep = evaluate(shared_dir, tasks=("engine",), settings=SMALL, json_out=tmp_path / "r.json")
+    rep = evaluate(shared_dir, tasks=("engine",), options=SMALL, json_out=tmp_path / "r.json")
     en = rep["tasks"]["engine"]
     assert all(c["ok"] for c in en["checks"]) and en["rows"]["shared"]["block_ratio"] == pytest.approx(85 / 42)
     assert en["rows"]["shared"]["max_logprob_gap"] == 0 and en["rows"]["shared"]["greedy_equal"] == 4
@@ -128,7 +127,7 @@ def test_engine_task_reports_ratio_gap_and_throughput(shared_dir, monkeypatch, t
 
 def test_engine_task_says_which_kv_dtype_this_machine_lacks(shared_dir, monkeypatch, tmp_path):
     _fake_engine(monkeypatch, {"base": 42, "shared": 85})
-    rep = evaluate(shared_dir, tasks=("engine",), settings=SMALL)
+    rep = evaluate(shared_dir, tasks=("engine",), options=SMALL)
     en = rep["tasks"]["engine"]
     assert set(en["rows"]) == {"base", "shared"} and "AVX-512" in en["unsupported_kv_cache_dtypes"]["fp8"]
     assert all(c["ok"] for c in en["checks"]) and len(en["checks"]) == 3  # no fp8 figure to check
@@ -151,10 +150,11 @@ def test_engine_task_says_which_kv_dtype_this_machine_lacks(shared_dir, monkeypa
 def test_engine_task_refuses_a_figure_the_plan_does_not_imply(shared_dir, monkeypatch, tmp_path, blocks, gap, words):
     _fake_engine(monkeypatch, blocks, gap)
     with pytest.raises(CheckFailed, match=words) as e:
-        evaluate(shared_dir, tasks=("engine",), settings=SMALL, json_out=tmp_path / "r.json")
+        evaluate(shared_dir, tasks=("engine",), options=SMALL, json_out=tmp_path / "r.json")
     assert (tmp_path / "r.json").is_file() and "engine" in e.value.report["tasks"]  # written before refusing
 
 
+@pytest.mark.slow
 def test_cli_refusals_are_one_line(shared_dir, tmp_path):
     r = CliRunner().invoke(app, ["serve", str(shared_dir), "--vllm-python", str(tmp_path / "py")])
     assert r.exit_code == 2 and "not an executable Python" in r.output and r.output.count("\n") == 1

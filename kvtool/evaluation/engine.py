@@ -11,16 +11,20 @@ map's layers / owners within one block, and the log-probability gap must stay wi
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from kvtool.data.chat import prompt_ids
 from kvtool.data.texts import eval_prompts, heldout_chunks
+from kvtool.errors import KvtoolError
+from kvtool.evaluation.serve import parse_size
+from kvtool.evaluation.task import EvalContext, EvalTask, opt
 from kvtool.evaluation.variants import Variants
 from kvtool.io.devices import model_device
 from kvtool.io.loading import resolve_model
-from kvtool.io.vllm_env import EngineFailed, check_export, cpu_thread_binding, run_engine_job
+from kvtool.io.vllm_env import EngineFailed, check_export, cpu_thread_binding, run_engine_job, vllm_python
 from kvtool.progress import Log, silent
 
 # How far |log p(engine) - log p(kvtool.load)| per held-out token may go and still count as the same model, by the
@@ -153,3 +157,86 @@ def engine_eval(v: Variants, export_dir: str, *, python: str, kv_memory: int, dt
                                  f"{'up to' if stat == 'max' else 'on average'} {gap:.3g} nats per token "
                                  f"(tolerance {tol:g} for the {stat} in {dtype})"})
     return rep
+
+
+@dataclass
+class Engine(EvalTask):
+    """The export and its base served by vLLM side by side (``--engine vllm``)."""
+
+    name: ClassVar[str] = "engine"
+    help: ClassVar[str] = "vLLM side by side: KV blocks, concurrency, tokens/s, log-probabilities (an export only)"
+    kv_memory: int = opt(256 * 2**20, "KV-cache bytes of each engine (per tensor-parallel worker)", parse=parse_size)
+    kv_dtypes: tuple[str, ...] = opt(("auto", "fp8"), "vLLM KV-cache dtypes to compare (auto = the model's)")
+    prompt: int = opt(448, "prompt tokens per throughput request", min=1)
+    new: int = opt(64, "generated tokens per throughput request (prompt + new = max_model_len)", min=1)
+    tensor_parallel: int = opt(1, "vLLM tensor-parallel workers", min=1)
+    samples: int = opt(8, "held-out windows for the log-probabilities", min=1)
+    seq_len: int = opt(256, "tokens per held-out window", min=8)
+    gen_new: int = opt(32, "greedy tokens per prompt against kvtool.load", min=1)
+
+    def check(self, ctx: EvalContext) -> None:
+        if ctx.export_dir is None:
+            raise KvtoolError("--engine vllm serves an export: give its directory, not --plan")
+        ctx.vllm_python = vllm_python(ctx.vllm_python)
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]:
+        v = ctx.v
+        ctx.log(f"vLLM side by side at {self.kv_memory / 2**20:,.0f} MiB of KV cache ({self.prompt} prompt + "
+                f"{self.new} new tokens per request, KV cache {', '.join(self.kv_dtypes)}, fresh engines)")
+        assert ctx.vllm_python is not None
+        return engine_eval(v, str(ctx.export_dir), python=ctx.vllm_python, kv_memory=self.kv_memory,
+                           dtype=str(v.base.dtype).removeprefix("torch."), prompt=self.prompt, new=self.new,
+                           kv_cache_dtypes=self.kv_dtypes, samples=self.samples, seq_len=self.seq_len,
+                           gen_new=self.gen_new, data=ctx.data, tensor_parallel_size=self.tensor_parallel,
+                           log=ctx.log)
+
+    @staticmethod
+    def summary(result: dict[str, Any]) -> dict[str, Any]:
+        return {"vllm_block_ratio": result["rows"]["shared"]["block_ratio"]}
+
+    @staticmethod
+    def table(result: dict[str, Any]) -> Any:
+        from rich.table import Table
+
+        en = result
+        rows = en["rows"]
+        b, s = rows["base"], rows["shared"]
+        t = Table(title=f"vLLM {en['vllm']} ({en['dtype']}, {en['kv_cache_memory_bytes'] / 2**20:,.0f} MiB of KV "
+                        f"cache, {en['owners']} of {en['layers']} layers hold KV: limit "
+                        f"{en['block_ratio_limit']:.3f}×)", title_justify="left")
+        for c in ("metric", "base", "shared", "shared/base"):
+            t.add_column(c, justify="left" if c == "metric" else "right")
+        f = lambda x, d=0: f"{x:,.{d}f}"  # noqa: E731
+        t.add_row(f"KV blocks ({b['block_size']} tokens)", f(b["num_blocks"]), f(s["num_blocks"]),
+                  f(s["block_ratio"], 3))
+        t.add_row("KV tokens", f(b["kv_tokens"]), f(s["kv_tokens"]), f(s["kv_tokens"] / b["kv_tokens"], 3))
+        t.add_row(f"max concurrency @ {en['max_model_len']} tokens", f(b["max_concurrency"], 2),
+                  f(s["max_concurrency"], 2), f(s["max_concurrency"] / b["max_concurrency"], 3))
+        t.add_row("requests that fit", f(b["requests_that_fit"]), f(s["requests_that_fit"]),
+                  f(s["requests_that_fit"] / max(1, b["requests_that_fit"]), 2))
+        for tb, ts in zip(b["throughput"], s["throughput"], strict=True):
+            t.add_row(f"gen tok/s, {tb['batch']} requests × {tb['max_tokens']} new", f(tb["gen_tok_s"], 1),
+                      f(ts["gen_tok_s"], 1), f(ts["gen_tok_s"] / tb["gen_tok_s"], 2))
+        t.add_row(f"held-out ppl, vLLM ({en['heldout_tokens']:,} tokens)", f(b["ppl"], 3), f(s["ppl"], 3),
+                  f(s["ppl"] / b["ppl"], 3))
+        t.add_row("held-out ppl, kvtool.load", f(b["ppl_kvtool"], 3), f(s["ppl_kvtool"], 3),
+                  f(s["ppl_kvtool"] / b["ppl_kvtool"], 3))
+        for stat in ("max", "mean"):
+            tol = f" (tol {en['logprob_tolerance']:g})" if en["logprob_statistic"] == stat else ""
+            t.add_row(f"{stat} |Δ log p| vs kvtool.load{tol}", f"{b[f'{stat}_logprob_gap']:.2e}",
+                      f"{s[f'{stat}_logprob_gap']:.2e}", "")
+        t.add_row(f"greedy = kvtool.load ({en['greedy_prompts']} × {en['greedy_new']} tokens)",
+                  f"{b['greedy_equal']}/{en['greedy_prompts']}", f"{s['greedy_equal']}/{en['greedy_prompts']}", "")
+        for name in rows:
+            if name.startswith("base+"):
+                q = name.removeprefix("base+")
+                bq, sq = rows[name], rows[f"shared+{q}"]
+                t.add_row(f"KV {q}: blocks", f(bq["num_blocks"]), f(sq["num_blocks"]), f(sq["block_ratio"], 3))
+                t.add_row(f"KV {q}: held-out ppl", f(bq["ppl"], 3), f(sq["ppl"], 3), f(sq["ppl"] / bq["ppl"], 3))
+        return t
+
+    @staticmethod
+    def notes(result: dict[str, Any]) -> list[str]:
+        """One line per KV cache dtype the engine refused on this machine, with the engine's own reason."""
+        return [f"KV {q}: not available on this machine: {reason}"
+                for q, reason in result.get("unsupported_kv_cache_dtypes", {}).items()]

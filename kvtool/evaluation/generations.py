@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from kvtool.data.chat import prompt_ids
+from kvtool.data.texts import eval_prompts
+from kvtool.evaluation.task import EvalContext, EvalTask, Row, opt
 from kvtool.evaluation.variants import Variants
 from kvtool.io.devices import model_device
 
@@ -63,3 +66,36 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+@dataclass
+class Generate(EvalTask):
+    """Greedy generation on the prompt set, base and shared side by side."""
+
+    name: ClassVar[str] = "generate"
+    help: ClassVar[str] = "greedy continuations of the prompt set against the base's"
+    default: ClassVar[bool] = True
+    FULL: ClassVar[dict[str, Any]] = {"prompts": 20}
+    prompts: int = opt(8, "prompts from the prompt set (20 in all)", min=1)
+    new_tokens: int = opt(32, "greedy tokens per prompt", min=1)
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]:
+        prompts = eval_prompts()[: self.prompts]
+        ctx.log(f"greedy generation on {len(prompts)} prompts ({self.new_tokens} new tokens)")
+        return generations(ctx.v, prompts, self.new_tokens)
+
+    @staticmethod
+    def summary(result: dict[str, Any]) -> dict[str, Any]:
+        return {"greedy_common_prefix": result["mean_common_prefix"], "greedy_token_agreement":
+                result["token_agreement"]}
+
+    @staticmethod
+    def rows(result: dict[str, Any]) -> list[Row]:
+        g, n = result, result["new_tokens"]
+        rows = [(f"exact match ({g['prompts']} prompts)", "1", f"{g['exact_match']:.2f}", ""),
+                (f"common prefix (of {n} tokens)", "", f"{g['mean_common_prefix']:.1f}", ""),
+                (f"token agreement (of {n})", "1", f"{g['token_agreement']:.2f}", "")]
+        if "unhealed" in g:
+            rows += [("common prefix before healing", "", f"{g['unhealed']['mean_common_prefix']:.1f}", ""),
+                     ("token agreement before healing", "", f"{g['unhealed']['token_agreement']:.2f}", "")]
+        return rows

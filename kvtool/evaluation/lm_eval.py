@@ -18,7 +18,8 @@ import math
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ from kvtool.data.passkey import PASSKEY_DEPTHS, PASSKEY_LENGTHS
 from kvtool.errors import KvtoolError, first_line, quoted
 from kvtool.evaluation.lm_eval_tasks import TASKS as KVTOOL_TASKS
 from kvtool.evaluation.lm_eval_tasks import write_tasks
+from kvtool.evaluation.task import EvalContext, EvalTask, opt
 from kvtool.evaluation.variants import Variants
 from kvtool.formats.plan import SharingPlan
 from kvtool.progress import Log, silent
@@ -196,3 +198,46 @@ def _harness_quiet() -> Iterator[None]:
             lg.setLevel(level)
         if bars:
             datasets.enable_progress_bars()
+
+
+@dataclass
+class LmEval(EvalTask):
+    """lm-evaluation-harness tasks on both variants, offline (``--lm-eval TASKS``)."""
+
+    name: ClassVar[str] = "lm_eval"
+    help: ClassVar[str] = "lm-evaluation-harness tasks, offline (needs pip install 'kvtool[eval]')"
+    tasks: tuple[str, ...] = opt((), "harness tasks: kvtool_pydoc_ppl, kvtool_passkey, kvtool_pydoc_next or any "
+                                     "whose data is in the local Hugging Face cache")
+    limit: int | None = opt(None, "at most this many documents per task", min=1)
+    passkey_lengths: tuple[int, ...] = opt(PASSKEY_LENGTHS, "kvtool_passkey's prompt lengths", min=16)
+    passkey_depths: tuple[float, ...] = opt(PASSKEY_DEPTHS, "kvtool_passkey's depths", min=0)
+
+    def check(self, ctx: EvalContext) -> None:
+        if not self.tasks:
+            raise KvtoolError("the lm_eval task needs harness tasks: --lm-eval kvtool_pydoc_ppl,... or --set "
+                              "lm_eval.tasks=...")
+        require_lm_eval()
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]:
+        return run_lm_eval(ctx.v, self.tasks, limit=self.limit, passkey_lengths=self.passkey_lengths,
+                           passkey_depths=self.passkey_depths, log=ctx.log)
+
+    @staticmethod
+    def table(result: dict[str, Any]) -> Any:
+        """One row per harness task × metric, base and shared side by side."""
+        from rich.table import Table
+
+        le = result
+        limit = f", at most {le['limit']} documents per task" if le.get("limit") else ""
+        t = Table(title=f"lm-evaluation-harness {le['lm_eval_version']} (offline{limit})", title_justify="left")
+        for c in ("task", "metric", "base", "shared", "shared/base"):
+            t.add_column(c, justify="left" if c in ("task", "metric") else "right", no_wrap=c == "task")
+        f = lambda x: "-" if x is None else f"{x:.4f}" if abs(x) < 1e4 else f"{x:.4g}"  # noqa: E731
+        for task, r in le["tasks"].items():
+            docs = f"{r['samples']} docs" if r["samples"] else ""
+            labels = [task, docs] if len(r["metrics"]) > 1 else [f"{task}\n{docs}".strip()]
+            for i, (name, m) in enumerate(r["metrics"].items()):
+                b, s = m["base"], m["shared"]
+                t.add_row(labels[i] if i < len(labels) else "", name, f(b), f(s),
+                          f(s / b) if b and s is not None else "")
+        return t

@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from transformers import DynamicCache
 
 from kvtool.compat import cache_kwargs
 from kvtool.crosslayer.kv_check import prefill_kv_bytes
-from kvtool.data.passkey import MERGE_PASSKEY_DEPTHS, build_cases
+from kvtool.data.passkey import MERGE_PASSKEY_DEPTHS, build_cases, even_depths
 from kvtool.data.texts import heldout_chunks
 from kvtool.errors import KvtoolError
 from kvtool.evaluation.passkey import passkey_accuracy
+from kvtool.evaluation.task import EvalContext, EvalTask, opt
 from kvtool.evaluation.variants import Variants
 from kvtool.io.devices import model_device
 from kvtool.merging.hook import merge
@@ -98,3 +100,52 @@ def compare_merging(v: Variants, budgets: list[float], methods: tuple[str, ...] 
             "ppl_context": ppl_context, "ppl_new": ppl_new, "budgets": budgets, "methods": list(methods),
             "rows": rows}
 
+
+@dataclass
+class Merge(EvalTask):
+    """The merge methods against eviction at the same budgets (runs when a budget is given or the plan has one)."""
+
+    name: ClassVar[str] = "merge"
+    help: ClassVar[str] = "prompt-KV merge methods vs eviction at equal budgets (needs a budget)"
+    default: ClassVar[bool] = True
+    FULL: ClassVar[dict[str, Any]] = {"length": 2048, "depths": 10, "ppl_samples": 4}
+    budgets: tuple[float, ...] = opt((), "shares of the prompt KV to keep (default: the plan's merge budget)")
+    methods: tuple[str, ...] = opt((), "merge methods (default: every name in kvtool.METHODS)")
+    length: int = opt(1024, "passkey prompt length; the long-context perplexity reads 3/4 of it, predicts 1/4",
+                      min=64)
+    depths: int = opt(4, "passkey depths, evenly spaced", min=1)
+    ppl_samples: int = opt(2, "long-context perplexity windows", min=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for b in self.budgets:
+            if not 0 < b <= 1:
+                raise KvtoolError(f"a merge budget (--merge-budget, merge.budgets) must be in (0, 1], got {b}")
+
+    def run(self, ctx: EvalContext) -> dict[str, Any] | None:
+        plan_merge = ctx.plan_merge
+        budgets = list(self.budgets or ([plan_merge.budget] if plan_merge and plan_merge.budget else []))
+        if not budgets:
+            return None
+        ctx.log(f"KV merging vs eviction at budget {', '.join(map(str, budgets))} (passkey at {self.length}, "
+                "long-context perplexity)")
+        return compare_merging(ctx.v, budgets, self.methods or None, passkey_length=self.length,
+                               passkey_depths=even_depths(self.depths), ppl_samples=self.ppl_samples,
+                               ppl_context=max(32, self.length * 3 // 4), ppl_new=max(8, self.length // 4),
+                               data=ctx.data, plan_merge=plan_merge, log=ctx.log)
+
+    @staticmethod
+    def table(result: dict[str, Any]) -> Any:
+        from rich.table import Table
+
+        mr = result
+        t = Table(title=f"Prompt-KV merge methods (passkey @ {mr['passkey_length']} tokens, "
+                        f"{len(mr['passkey_depths'])} depths; perplexity of {mr['ppl_new']} tokens after a "
+                        f"{mr['ppl_context']}-token context)", title_justify="left")
+        for c in ("model", "method", "budget", "KV after prefill / base", "passkey", "long-context ppl"):
+            t.add_column(c, justify="left" if c in ("model", "method") else "right")
+        for r in mr["rows"]:
+            method = r["method"] + (", calibrated budgets" if r.get("layer_budgets") == "calibrated" else "")
+            t.add_row(r["variant"], method, "-" if r["budget"] is None else f"{r['budget']:g}",
+                      f"{r['kv_ratio']:.3f}", f"{r['passkey']:.2f}", f"{r['ppl']:.2f}")
+        return t

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
-from kvtool.data.passkey import NEW_TOKENS, PasskeyCase, answer_ok, build_cases
+from kvtool.data.passkey import NEW_TOKENS, PASSKEY_DEPTHS, PASSKEY_LENGTHS, PasskeyCase, answer_ok, build_cases
+from kvtool.evaluation.task import EvalContext, EvalTask, Row, opt
 from kvtool.evaluation.variants import Variants
 from kvtool.io.devices import model_device
 
@@ -33,3 +35,33 @@ def passkey(v: Variants, lengths, depths, variants: tuple[str, ...] | None = Non
             for length in lengths:
                 acc[which][str(length)] = passkey_accuracy(m, v.tokenizer, [c for c in cases if c.length == length])
     return {"depths": list(depths), "accuracy": acc}
+
+
+@dataclass
+class Passkey(EvalTask):
+    """Retrieval of a pass key hidden at several depths of long prompts."""
+
+    name: ClassVar[str] = "passkey"
+    help: ClassVar[str] = "pass-key retrieval from long prompts"
+    default: ClassVar[bool] = True
+    FULL: ClassVar[dict[str, Any]] = {"lengths": PASSKEY_LENGTHS, "depths": PASSKEY_DEPTHS}
+    lengths: tuple[int, ...] = opt((512, 1024), "prompt lengths in tokens", min=16)
+    depths: tuple[float, ...] = opt((0.1, 0.5, 0.9), "where the key sits (0 = start, 1 = end)", min=0)
+
+    def run(self, ctx: EvalContext) -> dict[str, Any]:
+        ctx.log(f"passkey retrieval at {', '.join(map(str, self.lengths))} tokens, {len(self.depths)} depths")
+        return passkey(ctx.v, self.lengths, self.depths)
+
+    @staticmethod
+    def summary(result: dict[str, Any]) -> dict[str, Any]:
+        return {"passkey": result["accuracy"]}
+
+    @staticmethod
+    def rows(result: dict[str, Any]) -> list[Row]:
+        acc, rows = result["accuracy"], []
+        for length in acc["base"]:
+            rows.append((f"accuracy @ {length} tokens", f"{acc['base'][length]:.2f}", f"{acc['shared'][length]:.2f}",
+                         ""))
+            if "unhealed" in acc:
+                rows.append((f"accuracy @ {length} before healing", "", f"{acc['unhealed'][length]:.2f}", ""))
+        return rows

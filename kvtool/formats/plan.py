@@ -161,6 +161,20 @@ class SharingPlan:
         if [a if a == b else j for j, (a, b) in enumerate(zip(k, v, strict=True))] != src:
             raise KvtoolError("plan: kv_source_layers must be each layer's common key/value source (or the layer "
                               "itself where they differ)")
+        for name in ("method", "model_name", "model_fingerprint"):
+            if not isinstance(getattr(self, name), (str, type(None))) or (name == "method" and self.method is None):
+                raise KvtoolError(f"plan: {name} must be a string")
+        for name in ("target", "threshold", "score"):
+            x = getattr(self, name)
+            if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
+                raise KvtoolError(f"plan: {name} must be a number or null")
+        if not isinstance(self.details, dict):
+            raise KvtoolError("plan: details must be an object")
+        for key in ("recipe", "measured"):
+            if not isinstance(self.details.get(key), (dict, type(None))):
+                raise KvtoolError(f"plan: details.{key} must be an object")
+        if not isinstance(self.model_source, (str, type(None))):
+            raise KvtoolError("plan: the recipe's model must be a string or null")
         if self.layer_types is not None and (not isinstance(self.layer_types, list)
                                              or not all(isinstance(t, str) for t in self.layer_types)):
             raise KvtoolError("plan: layer_types must be a list of names or null")

@@ -3,7 +3,6 @@ strict weight loading, and the fingerprint check. Anything inconsistent is refus
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, AutoTokeni
 from kvtool.crosslayer.archs import arch_of, layer_types
 from kvtool.crosslayer.attention import make_classes
 from kvtool.crosslayer.runtime import sharing_state
-from kvtool.errors import KvtoolError, first_line
+from kvtool.errors import KvtoolError, first_line, read_json
 from kvtool.formats.plan import SharingPlan
 from kvtool.formats.sidecar import read_sidecar, sidecar_plan
 from kvtool.io.fingerprint import model_fingerprint
@@ -30,10 +29,11 @@ def load_exported(path: Path, *, dtype: torch.dtype, device: str, attn_implement
     side = read_sidecar(path)
     base_type = side["base_model"]["model_type"]
     arch_of(type("C", (), {"model_type": base_type}))
-    try:
-        cfg_json = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise KvtoolError(f"{path}/config.json is missing or damaged") from e
+    if not (path / "config.json").is_file():
+        raise KvtoolError(f"{path}/config.json is missing")
+    cfg_json = read_json(path / "config.json")
+    if not isinstance(cfg_json, dict):
+        raise KvtoolError(f"{path}/config.json is not a JSON object")
     if cfg_json.get("model_type") != f"kvtool_{base_type}":
         raise KvtoolError(f"{path}: config model_type {cfg_json.get('model_type')!r} does not match the sidecar")
     plan = sidecar_plan(side)
