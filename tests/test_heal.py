@@ -173,14 +173,14 @@ def test_agreement_counts_positions_and_stops():
 
 def test_eval_of_a_healed_export_reports_base_unhealed_and_healed(base, tmp_path):
     from kvtool.evaluation.evaluate import evaluate
-    from kvtool.evaluation.variants import EvalSettings
     from kvtool.metrics import perplexity
 
     m, t = base
     plan = SharingPlan([0, 1, 1, 3, 3, 3])
     heal(plan, out=tmp_path / "healed", model=m, tokenizer=t, settings=HealSettings(**{**SET, "tokens": 600}))
-    s = EvalSettings(ppl_samples=2, ppl_seq_len=32, gen_new_tokens=8, passkey_lengths=(96,), passkey_depths=(0.5,))
-    rep = evaluate(tmp_path / "healed", tasks=("ppl", "generate", "passkey"), settings=s)
+    options = {"ppl": {"samples": 2, "seq_len": 32}, "generate": {"new_tokens": 8},
+               "passkey": {"lengths": (96,), "depths": (0.5,)}}
+    rep = evaluate(tmp_path / "healed", tasks=("ppl", "generate", "passkey"), options=options)
     T = rep["tasks"]
     assert set(T["passkey"]["accuracy"]) == {"base", "unhealed", "shared"}
     assert 0 <= T["generate"]["unhealed"]["token_agreement"] <= 1 and 0 <= T["generate"]["token_agreement"] <= 1

@@ -24,6 +24,8 @@ from kvtool.io.export import export
 from kvtool.io.tiny import save_tiny
 from tests.helpers import plan_for
 
+pytestmark = pytest.mark.slow  # the harness starts processes (git, pip) to describe its environment
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
