@@ -54,7 +54,7 @@ def main() -> None:
     heal_o = set(a.heal_orders.split(",")) if a.heal_orders else None
     for target in [float(x) for x in a.targets.split(",")]:
         for order in a.orders.split(","):
-            r, secs = timed_search(stats, model, target=target, order=order, beam=a.beam)
+            r, secs = timed_search(stats, model, target=target, order=order, pool=a.beam)
             row = {"target": target, "order": order, "consumers": len(r.plan.consumers), "search_s": secs,
                    "validate": r.plan.details.get("validate"), "kv_source_layers": r.plan.kv_source_layers,
                    **measure(r.plan)}
