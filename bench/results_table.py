@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--heal-targets", default="")
     ap.add_argument("--heal-orders", default="")
     ap.add_argument("--heal-tokens", type=int, default=256_000)
-    ap.add_argument("--beam", type=int, default=4)
+    ap.add_argument("--pool", type=int, default=4, help="best-first candidate pool")
     ap.add_argument("--json", required=True)
     a = ap.parse_args()
     import kvtool
@@ -54,7 +54,7 @@ def main() -> None:
     heal_o = set(a.heal_orders.split(",")) if a.heal_orders else None
     for target in [float(x) for x in a.targets.split(",")]:
         for order in a.orders.split(","):
-            r, secs = timed_search(stats, model, target=target, order=order, pool=a.beam)
+            r, secs = timed_search(stats, model, target=target, order=order, pool=a.pool)
             row = {"target": target, "order": order, "consumers": len(r.plan.consumers), "search_s": secs,
                    "validate": r.plan.details.get("validate"), "kv_source_layers": r.plan.kv_source_layers,
                    **measure(r.plan)}

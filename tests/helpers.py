@@ -41,3 +41,12 @@ def tensor_plan_for(model, moves=((2, "k"), (3, "v"), (4, "k"), (4, "v"), (5, "k
                 src[t][j] = i
                 break
     return SharingPlan.from_tensors(src["k"], src["v"], layer_types=list(types))
+
+
+def json_values():
+    """Hypothesis strategy: any JSON value, nested a few levels (for the format readers' property tests)."""
+    from hypothesis import strategies as st
+
+    leaves = st.none() | st.booleans() | st.integers(-5, 40) | st.floats(allow_nan=False) | st.text(max_size=8)
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=6)
+                        | st.dictionaries(st.text(max_size=12), inner, max_size=6), max_leaves=20)

@@ -5,7 +5,7 @@ plots, the $KVTOOL_CACHE corpus and GGUF conversion): a file above the output, n
 and the wrong kind are refused before any work; a full or read-only file system (a real tmpfs where this runs as
 root, else skipped: the patched-writer test stands in) fails the write without leaving a temporary or damaging an
 older output. Inputs: unreadable, too deep, too long a number, too large, wrong types (see also
-test_formats_properties.py). All through the CLI in-process, on tiny random models.
+formats/test_properties.py). All through the CLI in-process, on tiny random models.
 """
 
 from __future__ import annotations

@@ -368,13 +368,14 @@ def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch, tmp_path):
 def _merge_dicts():
     from hypothesis import strategies as st
 
-    from tests.test_formats_properties import json_values
+    from tests.helpers import json_values
 
     keys = st.sampled_from(["method", "budget", "protected_layers", "layer_budgets", "eps", "sinks", "window",
                             "recent_share", "thresholds", "layer_budget", "size_bias", "bogus"])
-    names = st.sampled_from([*METHODS, "zip"]) | json_values
-    return st.dictionaries(keys, json_values, max_size=6).flatmap(
-        lambda d: st.builds(lambda n: {**d, "method": n}, names)) | json_values
+    json = json_values()
+    names = st.sampled_from([*METHODS, "zip"]) | json
+    return st.dictionaries(keys, json, max_size=6).flatmap(
+        lambda d: st.builds(lambda n: {**d, "method": n}, names)) | json
 
 
 def test_any_merge_json_makes_a_method_or_fails_with_one_kvtool_error():

@@ -16,11 +16,9 @@ from kvtool.formats.plan import SharingPlan
 from kvtool.formats.recipe import Recipe
 from kvtool.formats.sidecar import SIDECAR, read_sidecar
 from kvtool.formats.stats import CalibrationStats
+from tests.helpers import json_values as _json_values
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 40) | st.floats(allow_nan=False) |
-                           st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner,
-                                                                                          max_size=6), max_leaves=20)
+json_values = _json_values()
 
 
 @st.composite
