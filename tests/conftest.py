@@ -15,7 +15,9 @@ import subprocess
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# at most 2 threads; under pytest-xdist (`-n N`, .ci/run) the cores are split between the N workers
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 # fixtures whose tests are slow: the real embedded model (converted once, ~1 GB of float32 weights in memory)
 SLOW_FIXTURES = frozenset({"smollm2"})
@@ -64,6 +66,10 @@ def _wrap(owner, name: str, describe) -> None:
 
 
 def pytest_configure(config):
+    try:  # the first matplotlib import on a machine lists its fonts (`fc-list`): the machine's work, not a test's
+        import matplotlib.font_manager  # noqa: F401
+    except ImportError:
+        pass
     _wrap(subprocess.Popen, "_execute_child", lambda self, args, *a, **k: f"started a process: {str(args)[:160]}")
     _wrap(multiprocessing.process.BaseProcess, "start", lambda self: f"started a process: multiprocessing {self!r}")
     try:  # the default model's conversion (a module global, so resolve_model calls the wrapper)

@@ -196,14 +196,12 @@ def holdout_rows(rows: int, share: float) -> tuple[list[int], list[int]]:
     return [r for r in range(rows) if r not in held], held
 
 
-def held_out_choice(selector: Scorer, num_layers: int) -> tuple[Choose, dict[str, Any]]:
+def held_out_choice(selector: Scorer) -> tuple[Choose, dict[str, Any]]:
     """A ``choose`` for ``best_first``/``refine``: the candidate with the best score on the held-out chunks (ties:
     the earlier moves), and a dict that records how many maps it compared and the chosen one's score. Each map is
     scored once (the refinement starts from the beam's choice)."""
     record: dict[str, Any] = {"compared": 0}
     values: dict[Sources, float] = {}
-    if selector.own_reference:  # the unshared model's own outputs under the scoring precision are the reference
-        selector.initial(SharingPlan.identity(num_layers))
 
     def score_of(c: Partial) -> float:
         if c.src not in values:
@@ -247,10 +245,9 @@ class BestFirst:
         return f"best-first ({', '.join(extra)})"
 
     def run(self, ctx: Context) -> Outcome:
-        L = len(ctx.types)
         fit, held = holdout_rows(ctx.stats.input_ids.shape[0], self.holdout)
         scorer = ctx.scorer(fit)
-        choose, chosen = (None, {}) if not held else held_out_choice(ctx.scorer(held, incremental=False), L)
+        choose, chosen = (None, {}) if not held else held_out_choice(ctx.scorer(held, incremental=False))
         err = ctx.local_errors(("kv", "k", "v") if self.granularity == "tensor" else ("kv",))
         best, tries, reached = best_first(scorer, err, ctx.types, ctx.goal, pool=self.pool, width=self.width,
                                           threshold=ctx.threshold, granularity=self.granularity, screen=self.screen,

@@ -83,9 +83,9 @@ class Scorer:
                         for s in range(0, input_ids.shape[0], batch_size)]
         self.layer_forwards = 0
         self.seconds = {"layers": 0.0, "lm_head": 0.0, "metric": 0.0}
-        # ``own_reference``: compare against this model's own unshared outputs (computed by the first ``initial``
-        # of the identity plan) instead of the calibration's stored ones, e.g. when scoring a lower-precision copy,
-        # so that the unshared model scores exactly 0 KL / cosine 1
+        # ``own_reference``: compare against this model's own unshared outputs (computed once, by the first
+        # ``initial``, with the identity plan) instead of the calibration's stored ones, e.g. when scoring a
+        # lower-precision copy, so that the unshared model scores exactly 0 KL / cosine 1
         self.own_reference = own_reference
         self._reference_pending = own_reference
         self._linear_head = not getattr(model.config, "final_logit_softcapping", None)
@@ -204,8 +204,8 @@ class Scorer:
         """The state of ``plan`` (one full forward per batch) with its score."""
         state = ScoreState(plan, [], [])
         vals = []
-        if self._reference_pending and plan.readers:
-            raise RuntimeError("with own_reference, the first initial() must be the identity plan (the reference)")
+        if self._reference_pending and plan.readers:  # the reference first: the unshared model, once
+            self.initial(SharingPlan.identity(self.L))
         with sharing(self.model, plan):
             for b in self.batches:
                 final, h_in, kv = self._capture_full(b, plan)

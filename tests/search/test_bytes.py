@@ -165,7 +165,7 @@ def test_holdout_chooses_the_beams_finished_map_by_its_kl_on_chunks_it_was_not_f
     # the choice itself: among candidate maps, the one with the lowest KL on the held-out chunks
     cands = [Partial(identity(8) if n == 0 else apply_move(identity(8), Move(j, "kv", 0)), None, (), ())
              for n, j in enumerate((0, 3, 5, 7))]
-    choose, record = held_out_choice(judge, 8)
+    choose, record = held_out_choice(judge)
     kls = [judge.initial(SharingPlan.from_tensors(list(c.src[0]), list(c.src[1]))).value for c in cands]
     assert choose(cands) is cands[0] and record["compared"] == 4 and record["score"] == pytest.approx(kls[0])
     assert choose(cands[1:]) is cands[1 + min(range(3), key=lambda n: kls[n + 1])]

@@ -2,17 +2,23 @@
 
 Their inputs come from kvtool itself, in kvtool's environment (``$KVTOOL_PYTHON``, default the repository's
 ``.venv``): tiny exports of every architecture with ``kvtool.load``'s outputs (``kvtool_fixtures.py``). Every engine
-runs in a fresh process (``python -m kvtool_vllm.measure``, in-process engine start), bounded in time."""
+runs in a fresh process (``python -m kvtool_vllm.measure``, in-process engine start), bounded in time.
+
+Under pytest-xdist (``.ci/run``: ``-n 2 --dist loadgroup``) the fixture tree is made once for all workers, each
+worker's engines are bound to its own core, and the tests that reuse one architecture's cached engine runs
+(``standard_run``), or the SmolLM2 export and its server, stay on one worker (an ``xdist_group`` each)."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -25,18 +31,42 @@ _RESULTS: dict[tuple, dict] = {}
 SLOW_FIXTURES = frozenset({"fx", "smollm2", "server"})
 
 
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist, else None
+if WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # vLLM's CPU backend binds its OpenMP threads to every core by default; two workers' engines on the same cores
+    # spin against each other, so each worker's engines (and servers) get one core of their own
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(WORKER[2:]) % (os.cpu_count() or 1)))
+
+
+def _group(item) -> str | None:
+    """The xdist group of a test: one per architecture for the tests that reuse its cached engine runs
+    (``standard_run`` takes ``tmp_path_factory``), one for the SmolLM2 export and its server, else none."""
+    names = set(getattr(item, "fixturenames", ()))
+    if names & {"smollm2", "server"}:
+        return "smollm2"
+    arch = getattr(getattr(item, "callspec", None), "params", {}).get("arch")
+    return f"arch-{arch}" if arch and "tmp_path_factory" in names else None
+
+
 def pytest_collection_modifyitems(config, items):
+    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+        if xdist and (group := _group(item)):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
 def fx(tmp_path_factory) -> dict:
-    """The fixture tree and its manifest (made once per session by kvtool)."""
-    out = tmp_path_factory.mktemp("kvtool-fixtures")
-    subprocess.run([KVTOOL_PYTHON, str(HERE / "kvtool_fixtures.py"), str(out)], check=True, timeout=600,
-                   stdout=subprocess.DEVNULL)
+    """The fixture tree and its manifest (made once per run by kvtool, shared by the xdist workers)."""
+    shared = tmp_path_factory.getbasetemp().parent if WORKER else tmp_path_factory.getbasetemp()
+    out = shared / "kvtool-fixtures"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a run that died half-way
+            subprocess.run([KVTOOL_PYTHON, str(HERE / "kvtool_fixtures.py"), str(out)], check=True, timeout=600,
+                           stdout=subprocess.DEVNULL)
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["root"] = out
     return manifest
