@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,99 @@ def _index(c: Corpus, idx: torch.Tensor) -> Corpus:
     return Corpus(c.ids[idx], c.mask[idx], c.top[idx], c.logp[idx], c.directory, c.tokens_per_second)
 
 
+def _on(c: Corpus, idx: torch.Tensor, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    return c.ids[idx].to(dev), c.mask[idx].to(dev), c.top[idx].to(dev), c.logp[idx].to(dev).float()
+
+
+@torch.no_grad()
+def validation_kl(model: nn.Module, val: Corpus, batch_size: int) -> float:
+    """The top-k KL on ``val``, weighted by real tokens (model in eval mode)."""
+    model.eval()
+    dev, total, n = model_device(model), 0.0, 0
+    for k in range(0, val.ids.shape[0], batch_size):
+        ids, mask, top, logp = _on(val, torch.arange(k, min(k + batch_size, val.ids.shape[0])), dev)
+        w = int(mask.sum())
+        total, n = total + float(topk_kl(model, ids, mask, top, logp)) * w, n + w
+    return total / n
+
+
+@dataclass
+class Distilled:
+    """What a training run did: steps, tokens, where it stopped early (``None``: it ran its budget), the best
+    validation KL, the per-evaluation history, the ``checkpoint`` results and the training seconds."""
+
+    steps: int
+    tokens: int
+    early_stop_at: int | None
+    best_val: float
+    history: list[dict[str, Any]]
+    curve: list[dict[str, Any]]
+    seconds: float
+
+
+def distil(model: nn.Module, params: list[nn.Parameter], train: Corpus, val: Corpus, s: HealSettings,
+           start_val: float, *, log: Log = silent, progress: Callable[[int, int, float], None] | None = None,
+           checkpoint: Callable[[int, nn.Module], dict[str, Any]] | None = None,
+           checkpoints: tuple[int, ...] = ()) -> Distilled:
+    """Train ``params`` toward the teacher's top-k on ``train`` (AdamW, warm-up then ``s.schedule``) for
+    ``s.tokens`` tokens, evaluating on ``val`` every ``s.eval_every`` and stopping after ``s.patience`` evaluations
+    without improvement; the best parameters found are left in place, not trainable."""
+    dev = model_device(model)
+    best_val, best_state = start_val, [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    steps = math.ceil(s.tokens / (s.batch_size * s.seq_len))
+
+    def lr_at(i: int) -> float:
+        warm = min(1.0, (i + 1) / 10)
+        return warm if s.schedule == "constant" else warm * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    order = torch.randperm(train.ids.shape[0], generator=torch.Generator().manual_seed(s.seed))
+    bad, step, seen, next_eval, history, curve = 0, 0, 0, s.eval_every, [], []
+    pending = sorted(c for c in checkpoints if c > 0)
+    t0, stopped = time.time(), None
+    while seen < s.tokens:
+        k = step * s.batch_size % order.numel()
+        step += 1
+        model.train()
+        ids, mask, top, logp = _on(train, order[k : k + s.batch_size], dev)
+        loss = topk_kl(model, ids, mask, top, logp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        seen += int(mask.sum())
+        loss_value = loss.item()
+        if progress:
+            progress(min(seen, s.tokens), s.tokens, loss_value)
+        if pending and seen >= pending[0] and checkpoint:
+            model.eval()
+            while pending and seen >= pending[0]:
+                pending.pop(0)
+            curve.append({"tokens": seen, **checkpoint(seen, model)})
+        if seen >= next_eval or seen >= s.tokens:
+            next_eval += s.eval_every
+            v = validation_kl(model, val, s.batch_size)
+            history.append({"step": step, "tokens": seen, "train_kl": round(loss_value, 5), "val_kl": round(v, 5)})
+            if v < best_val - 1e-5:
+                best_val, bad = v, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                bad += 1
+                if bad >= s.patience:
+                    stopped = seen
+                    log(f"early stop after {seen:,} tokens: validation KL stopped improving")
+                    break
+    seconds = time.time() - t0
+    with torch.no_grad():
+        for p, b in zip(params, best_state, strict=True):
+            p.copy_(b)
+            p.requires_grad_(False)
+    model.eval()
+    return Distilled(step, seen, stopped, best_val, history, curve, seconds)
+
+
 def heal(
     plan: SharingPlan | str | Path,
     *,
@@ -237,94 +330,27 @@ def heal(
     params = lora.parameters() if lora else trainable_parameters(model, plan, s.train)
     for p in params:
         p.requires_grad_(True)
-    dev = model_device(model)
-
-    def batches(c: Corpus, idx: torch.Tensor):
-        return (c.ids[idx].to(dev), c.mask[idx].to(dev), c.top[idx].to(dev), c.logp[idx].to(dev).float())
-
-    @torch.no_grad()
-    def val_kl() -> float:
-        model.eval()
-        total, n = 0.0, 0
-        for k in range(0, val.ids.shape[0], s.batch_size):
-            ids, mask, top, logp = batches(val, torch.arange(k, min(k + s.batch_size, val.ids.shape[0])))
-            w = int(mask.sum())
-            total, n = total + float(topk_kl(model, ids, mask, top, logp)) * w, n + w
-        return total / n
-
     before_ppl, _ = perplexity(model, heldout)
-    best_val = start_val = val_kl()
-    steps = math.ceil(s.tokens / (s.batch_size * s.seq_len))
+    start_val = validation_kl(model, val, s.batch_size)
     say(f"held-out perplexity: base {base_ppl:.2f}, shared before healing {before_ppl:.2f}; validation KL "
-        f"{best_val:.4f}; training {sum(p.numel() for p in params):,} parameters ({s.train}) on "
+        f"{start_val:.4f}; training {sum(p.numel() for p in params):,} parameters ({s.train}) on "
         f"{train.tokens:,} tokens of {s.text} text, budget {s.tokens:,}")
-    best_state = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-
-    def lr_at(i: int) -> float:
-        warm = min(1.0, (i + 1) / 10)
-        return warm if s.schedule == "constant" else warm * 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    g = torch.Generator().manual_seed(s.seed)
-    order = torch.randperm(train.ids.shape[0], generator=g)
-    bad, step, seen, next_eval, history, curve = 0, 0, 0, s.eval_every, [], []
-    pending = sorted(c for c in checkpoints if c > 0)
-    t_train, stopped = time.time(), None
-    while seen < s.tokens:
-        k = step * s.batch_size % order.numel()
-        idx = order[k : k + s.batch_size]
-        step += 1
-        model.train()
-        ids, mask, top, logp = batches(train, idx)
-        loss = topk_kl(model, ids, mask, top, logp)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        seen += int(mask.sum())
-        loss_value = loss.item()
-        if progress:
-            progress(min(seen, s.tokens), s.tokens, loss_value)
-        if pending and seen >= pending[0] and checkpoint:
-            model.eval()
-            while pending and seen >= pending[0]:
-                pending.pop(0)
-            curve.append({"tokens": seen, **checkpoint(seen, model)})
-        if seen >= next_eval or seen >= s.tokens:
-            next_eval += s.eval_every
-            v = val_kl()
-            history.append({"step": step, "tokens": seen, "train_kl": round(loss_value, 5), "val_kl": round(v, 5)})
-            if v < best_val - 1e-5:
-                best_val, bad = v, 0
-                best_state = [p.detach().clone() for p in params]
-            else:
-                bad += 1
-                if bad >= s.patience:
-                    stopped = seen
-                    say(f"early stop after {seen:,} tokens: validation KL stopped improving")
-                    break
-    train_seconds = time.time() - t_train
-    with torch.no_grad():
-        for p, b in zip(params, best_state, strict=True):
-            p.copy_(b)
-            p.requires_grad_(False)
+    run = distil(model, params, train, val, s, start_val, log=say, progress=progress, checkpoint=checkpoint,
+                 checkpoints=checkpoints)
     if lora:
         lora.merge()
-    model.eval()
     after_ppl, _ = perplexity(model, heldout)
-    result = {"steps_run": step, "tokens_trained": seen, "early_stop_at": stopped,
+    result = {"steps_run": run.steps, "tokens_trained": run.tokens, "early_stop_at": run.early_stop_at,
               "trained_parameters": sum(p.numel() for p in params), "trained": s.train,
-              "val_kl_before": round(start_val, 5), "val_kl_after": round(best_val, 5),
+              "val_kl_before": round(start_val, 5), "val_kl_after": round(run.best_val, 5),
               "heldout_ppl_base": round(base_ppl, 4), "heldout_ppl_before": round(before_ppl, 4),
-              "heldout_ppl_after": round(after_ppl, 4), "history": history, "curve": curve,
-              "train_tokens_per_second": round(seen / max(train_seconds, 1e-9), 1),
+              "heldout_ppl_after": round(after_ppl, 4), "history": run.history, "curve": run.curve,
+              "train_tokens_per_second": round(run.tokens / max(run.seconds, 1e-9), 1),
               "corpus_tokens_per_second": None if train.tokens_per_second is None
               else round(train.tokens_per_second, 1),
               "seconds": round(time.time() - t0, 1)}
     say(f"held-out perplexity after healing {after_ppl:.2f} (before {before_ppl:.2f}, base {base_ppl:.2f}); "
-        f"trained {seen:,} tokens at {result['train_tokens_per_second']:.0f} tokens/s")
+        f"trained {run.tokens:,} tokens at {result['train_tokens_per_second']:.0f} tokens/s")
     recipe = recipe or Recipe.from_plan(plan)
     export(plan, out=out, model=model, tokenizer=tokenizer, force=force, base_fingerprint=base_fp, heal=result,
            recipe=None if recipe is None else replace(recipe, heal=s))
