@@ -105,10 +105,18 @@ def test_bad_requests_get_the_servers_errors_and_it_stays_up(server):
 def test_ctrl_c_shuts_it_down_cleanly(server):
     proc = server["proc"]
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(120) == 0
+    try:
+        code = proc.wait(120)
+    except subprocess.TimeoutExpired:  # say what was still running and what it printed, then stop it
+        tree = subprocess.run(["ps", "-eo", "pid,pgid,stat,etime,args", "--forest"], capture_output=True, text=True)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        code = None
     rest = []
     while not server["lines"].empty():
         rest.append(server["lines"].get())
+    assert code == 0, f"exit {code}; it printed:\n{''.join(rest)[-3000:]}" + (
+        f"\nprocesses 120 s after Ctrl-C:\n{tree.stdout[-3000:]}" if code is None else "")
     assert "stopped" in "".join(rest)
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", server["port"]), timeout=2):
         pass
