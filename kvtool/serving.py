@@ -3,19 +3,22 @@
 
 The export is checked by the plugin before the engine starts (one line if vLLM cannot serve it). Once the server
 answers, the KV capacity vLLM allocated is read from its own ``/metrics`` and set beside what the base model would get
-in the same memory; a block count that disagrees with the map stops the server with an error. Ctrl-C (or
-``stop``) shuts the server down and waits for it, bounded in time."""
+in the same memory; a block count that disagrees with the map stops the server with an error. Ctrl-C, SIGTERM (or
+``stop``) shut the server down and wait for it, bounded in time, also where kvtool was started with SIGINT ignored
+(a background job of a non-interactive shell); on Linux the server also gets SIGTERM if kvtool itself dies."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import json
 import os
 import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -79,12 +82,25 @@ def capacity(export_dir: str | Path, metrics: dict[str, str], s: ServeSettings) 
     return out
 
 
+def _dies_with_parent():
+    """A ``preexec_fn`` that asks Linux to send the child SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), so
+    a killed ``kvtool serve`` leaves no server behind; elsewhere ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def set_death_signal() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+    return set_death_signal
+
+
 class Server:
     """A running vLLM server process; its output is echoed (to ``echo``) and the last lines kept for errors."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], echo) -> None:
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     bufsize=1, start_new_session=True)
+                                     bufsize=1, start_new_session=True, preexec_fn=_dies_with_parent())
         self.tail: collections.deque[str] = collections.deque(maxlen=400)
         self._reader = threading.Thread(target=self._read, args=(echo,), daemon=True)
         self._reader.start()
@@ -171,18 +187,39 @@ def start(export_dir: str | Path, s: ServeSettings, *, python: str | None = None
     return server, cap
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt`` inside (in the main thread; elsewhere nothing changes), whatever
+    they were before: a process started as a background job of a non-interactive shell inherits SIGINT ignored, and
+    Ctrl-C would not stop the server. The previous handlers come back afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def serve(export_dir: str | Path, s: ServeSettings, *, python: str | None = None, on_ready=None, echo=None,
           log: Log | None = None) -> int:
-    """Run the server until Ctrl-C (or until it exits on its own, an error); returns its exit status."""
-    server, cap = start(export_dir, s, python=python, echo=echo, log=log)
-    if on_ready is not None:
-        on_ready(cap)
-    try:
-        while server.proc.poll() is None:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
+    """Run the server until Ctrl-C or SIGTERM (0), or until it exits on its own (an error)."""
+    with stop_signals():
+        server, cap = start(export_dir, s, python=python, echo=echo, log=log)
+        if on_ready is not None:
+            on_ready(cap)
+        try:
+            while server.proc.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            server.stop()
+            return 0
         server.stop()
-        return 0
-    server.stop()
     raise KvtoolError(f"the vLLM server exited (status {server.proc.returncode}): {server.cause()}")
 

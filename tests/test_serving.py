@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 from rich.console import Console
@@ -20,7 +24,7 @@ from kvtool.formats.cache_size import engine_blocks, kv_page_bytes
 from kvtool.formats.plan import SharingPlan
 from kvtool.io.export import export
 from kvtool.io.vllm_env import EngineFailed, cpu_thread_binding, vllm_python
-from kvtool.serving import ServeSettings, _cache_info, capacity
+from kvtool.serving import ServeSettings, _cache_info, capacity, stop_signals
 
 
 @pytest.fixture
@@ -163,3 +167,46 @@ def test_cli_refusals_are_one_line(shared_dir, tmp_path):
     r = CliRunner().invoke(app, ["eval", "--plan", str(tmp_path / "p.json"), "--engine", "vllm",
                                  "--vllm-python", sys.executable])
     assert r.exit_code == 2 and r.output.count("\n") == 1
+
+
+def test_stop_signals_stop_even_where_sigint_was_inherited_ignored():
+    """A background job of a non-interactive shell starts with SIGINT ignored: `kvtool serve` must still stop on
+    Ctrl-C (and on SIGTERM), and put the old handlers back."""
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt), stop_signals():
+                os.kill(os.getpid(), sig)
+                time.sleep(5)  # the signal arrives at once; this is never reached
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_server_process_dies_with_kvtool(tmp_path):
+    """If `kvtool serve` is killed outright (SIGKILL, no chance to stop the server), the server goes too."""
+    code = ("import sys, time; from kvtool.serving import Server; "
+            "s = Server([sys.executable, '-c', 'import time; time.sleep(120)'], {}, None); "
+            "print(s.proc.pid, flush=True); time.sleep(120)")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, 0)  # running
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the server outlived kvtool by 10 s")
+    finally:
+        parent.kill()
+        parent.wait(10)
