@@ -4,9 +4,9 @@ Their inputs come from kvtool itself, in kvtool's environment (``$KVTOOL_PYTHON`
 ``.venv``): tiny exports of every architecture with ``kvtool.load``'s outputs (``kvtool_fixtures.py``). Every engine
 runs in a fresh process (``python -m kvtool_vllm.measure``, in-process engine start), bounded in time.
 
-Under pytest-xdist (``.ci/run``: ``-n 2 --dist loadgroup``) the fixture tree is made once for all workers, each
+Under pytest-xdist (``.ci/run``: ``-n 2 --dist loadscope``) the fixture tree is made once for all workers, each
 worker's engines are bound to its own core, and the tests that reuse one architecture's cached engine runs
-(``standard_run``), or the SmolLM2 export and its server, stay on one worker (an ``xdist_group`` each)."""
+(``standard_run``), or the SmolLM2 export and its server, stay on one worker (``_scope``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+
+from kvtool_vllm import BASES
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -38,23 +40,38 @@ if WORKER and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(WORKER[2:]) % (os.cpu_count() or 1)))
 
 
-def _group(item) -> str | None:
-    """The xdist group of a test: one per architecture for the tests that reuse its cached engine runs
-    (``standard_run`` takes ``tmp_path_factory``), one for the SmolLM2 export and its server, else none."""
-    names = set(getattr(item, "fixturenames", ()))
-    if names & {"smollm2", "server"}:
-        return "smollm2"
-    arch = getattr(getattr(item, "callspec", None), "params", {}).get("arch")
-    return f"arch-{arch}" if arch and "tmp_path_factory" in names else None
+def _scope(nodeid: str) -> str:
+    """The xdist scope of a test: one per architecture for the tests parametrised by it (they reuse its cached
+    engine runs, ``standard_run``), one for the SmolLM2 server's module, else the test alone."""
+    path, _, name = nodeid.partition("::")
+    if path.endswith("test_serve.py"):
+        return "smollm2-server"
+    arch = name.partition("[")[2].split("-")[0].rstrip("]")
+    return f"arch-{arch}" if arch in BASES else nodeid
 
 
 def pytest_collection_modifyitems(config, items):
-    xdist = config.pluginmanager.hasplugin("xdist")
     for item in items:
         if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        if xdist and (group := _group(item)):
-            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with ``_scope``'s scopes (pytest-xdist's ``xdist_group`` marker does not take effect
+    with pytest 9: it renames a node id attribute that pytest no longer reads)."""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    if not callable(getattr(LoadScopeScheduling, "_split_scope", None)):
+        raise pytest.UsageError("pytest-xdist's LoadScopeScheduling has no _split_scope: update tests/conftest.py")
+
+    class ByEngineRun(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid)
+
+    return ByEngineRun(config, log)
 
 
 @pytest.fixture(scope="session")
