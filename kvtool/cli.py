@@ -218,7 +218,8 @@ def search(
 
     def on_try(r: Try) -> None:
         tried[0] += 1
-        mark = "[green]kept[/]" if r.accepted else "[dim]rejected[/]"
+        mark = ("[green]kept[/]" if r.accepted else
+                "[dim]passed over (screening score)[/]" if r.screened else "[dim]rejected[/]")
         el = time.time() - t0
         eta = (f", ETA ~{el / r.removed * (r.needed - r.removed):.0f} s"
                if r.accepted and 0 < r.removed < r.needed else "")

@@ -107,15 +107,16 @@ def best_first(scorer: Scorer, err: dict[str, torch.Tensor], types: list[str], g
         children.sort(key=lambda c: (c[0], c[1], c[2].moves))
         kept = []
         for _key, m, parent, scored, gain in children:
-            ok = False
+            ok, screened = False, subset is not None
             if len(kept) < width:
-                if subset is not None:
+                if screened:
                     scored = scorer.complete(parent.state, scored)
                     gain = _loss(scorer, scored.value()) - _loss(scorer, parent.value)
+                    screened = False
                 ok = threshold is None or scorer.passes(scored.value(), threshold)
             src = apply_move(parent.src, m)
             rec = Try(step, m.j, m.i, m.tensors, m.label(), round(scored.value(), 6), ok, len(parent.moves) + ok,
-                      goal.fraction(src), goal.needed / (2 * sum(units)))
+                      goal.fraction(src), goal.needed / (2 * sum(units)), screened)
             tries.append(rec)
             if on_try:
                 on_try(rec)

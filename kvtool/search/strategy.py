@@ -26,7 +26,9 @@ from kvtool.search.scoring import Scorer
 @dataclass(frozen=True)
 class Try:
     """One scored candidate: ``move`` (its label, e.g. ``7←3``, ``7k←3`` or ``a → b`` for a swap), its score, and
-    where the search stood after it (moves kept, the KV-byte share removed and needed)."""
+    where the search stood after it (moves kept, the KV-byte share removed and needed). ``screened``: the score is
+    over the screening batches only (best-first's ``screen``), so it compares with the step's other screened tries,
+    not with a full score; such a try was passed over for a better one, not refused by the guard."""
 
     step: int | str  # the step, or "refine" for a swap
     j: int
@@ -38,6 +40,7 @@ class Try:
     kept: int
     removed: float
     needed: float
+    screened: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

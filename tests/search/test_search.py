@@ -215,3 +215,21 @@ def test_layouts_meet_the_byte_target_with_the_fewest_layers(tmp_path):
         assert removed >= target and removed == round(plan.removed_share(m.config.sliding_window), 6)
         fewer = search(st, layout="tail", layers=len(plan.consumers) - 1).plan
         assert fewer.removed_share(m.config.sliding_window) < target  # the fewest layers that meet it
+
+
+def test_screened_tries_say_so_and_the_kept_one_has_its_full_score(llama_stats):
+    """With ``screen=1`` the candidates of a step are compared on one scoring batch; the kept one is then scored on
+    all of them. The log must not set the passed-over candidates' one-batch scores beside the kept one's full score
+    as if they compared: each try says whether its score is a screening score."""
+    m, st = llama_stats  # 6 chunks in batches of 2: three scoring batches
+    screened = search(st, model=m, layers=2, order="best-first", pool=3, screen=1, batch_size=2)
+    full = search(st, model=m, layers=2, order="best-first", pool=3, screen=0, batch_size=2)
+    kept = [t for t in screened.tries if t.accepted]
+    assert kept and not any(t.screened for t in kept)
+    passed = [t for t in screened.tries if not t.accepted]
+    assert passed and all(t.screened for t in passed)  # none refused by a guard: none is set
+    assert not any(t.screened for t in full.tries)
+    # a kept try's score is its full score: the unscreened search scored the same step-0 candidates in full
+    full_scores = {t.move: t.score for t in full.tries if t.step == 0}
+    first = next(t for t in kept if t.step == 0)
+    assert first.score == pytest.approx(full_scores[first.move], abs=1e-5)
