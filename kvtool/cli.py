@@ -338,6 +338,9 @@ def heal(
     batch_size: Annotated[int, typer.Option(min=1, help="rows per step")] = 4,
     seq_len: Annotated[int, typer.Option(min=8, help="tokens per row")] = 256,
     lora_rank: Annotated[int, typer.Option(min=1, help="rank of --train lora's updates")] = 16,
+    sample_batch: Annotated[int | None, typer.Option(min=1, help="rows the base samples at once while it writes "
+                                                                 "the corpus (default: 128 on a CPU, 256 on a GPU)")
+                            ] = None,
     data: Annotated[str | None, typer.Option(help="training text for --text calibration")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     dtype: DtypeOpt = None,
@@ -351,7 +354,8 @@ def heal(
     from kvtool.heal import heal as run
 
     s = HealSettings(tokens=None if tokens == "auto" else parse_count(tokens), text=text, train=train, lr=lr,
-                     batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, data=data, seed=seed).validated()
+                     batch_size=batch_size, seq_len=seq_len, lora_rank=lora_rank, data=data, seed=seed,
+                     sample_batch=sample_batch).validated()
     with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed:,.0f}/{task.total:,.0f}",
                   TimeElapsedColumn(), TimeRemainingColumn(), console=out) as bar:
         tasks: dict[str, int] = {}

@@ -44,23 +44,28 @@ from kvtool.io.loading import model_and_tokenizer
 from kvtool.metrics import perplexity
 from kvtool.progress import Log, silent
 
-__all__ = ["TRAIN_TARGETS", "HealSettings", "heal", "trainable_parameters", "topk_kl", "with_budget"]
+__all__ = ["TRAIN_TARGETS", "HealSettings", "heal", "trainable_parameters", "topk_kl", "for_device"]
 
 def corpus_settings(s: HealSettings, rows: int) -> CorpusSettings:
-    """The generated corpus a heal with ``s`` distils on, ``rows`` rows."""
+    """The generated corpus a heal with ``s`` (resolved for its device, ``for_device``) distils on, ``rows`` rows."""
     return CorpusSettings(rows=rows, seq_len=s.seq_len, top_k=s.top_k, chat_share=s.chat_share,
-                          seed=s.seed).validated()
+                          batch_size=s.sample_batch or CorpusSettings.batch_size, seed=s.seed).validated()
 
 
 # The default budget per device type. CPU: the heal curve's 250k tokens (LoRA: 1.74× → 1.22× base perplexity on
 # SmolLM2's 30% map; ~17 min of training on 2 cores, once the corpus is cached). CUDA: the curve had not flattened
 # at 250k, and a GPU trains and samples 8M tokens in minutes (an extrapolation: no GPU run was measured).
 DEFAULT_TOKENS = {"cpu": 256_000, "cuda": 8_000_000}
+# Rows the base samples at once (one corpus shard) per device type. CPU: 128 rows sample SmolLM2's corpus 1.5×
+# faster than 32 on 2 cores (bench/corpus_speed.py; docs/RESULTS.md); CUDA: more rows fill a GPU (not measured).
+DEFAULT_SAMPLE_BATCH = {"cpu": 128, "cuda": 256}
 
 
-def with_budget(s: HealSettings, device: torch.device) -> HealSettings:
-    """``s`` with its token budget: its own, or the default for ``device``'s type."""
-    return s if s.tokens is not None else replace(s, tokens=DEFAULT_TOKENS.get(device.type, DEFAULT_TOKENS["cpu"]))
+def for_device(s: HealSettings, device: torch.device) -> HealSettings:
+    """``s`` with its token budget and sampling batch: its own, or the defaults for ``device``'s type."""
+    kind = device.type if device.type in DEFAULT_TOKENS else "cpu"
+    return replace(s, tokens=s.tokens if s.tokens is not None else DEFAULT_TOKENS[kind],
+                   sample_batch=s.sample_batch if s.sample_batch is not None else DEFAULT_SAMPLE_BATCH[kind])
 
 
 def trainable_parameters(model: nn.Module, plan: SharingPlan, train: str = "attention") -> list[nn.Parameter]:
@@ -173,7 +178,7 @@ def heal_corpus(model: nn.Module, tokenizer, s: HealSettings, *, log: Log | None
         top, logp = teacher_targets(model, chunks, s.top_k, s.batch_size)
         full = Corpus(chunks, torch.ones_like(chunks), top, logp, Path(), None)
         return full.rows(slice(0, chunks.shape[0] - s.val_rows)), full.rows(slice(chunks.shape[0] - s.val_rows, None))
-    per_shard = CorpusSettings().batch_size
+    per_shard = corpus_settings(s, 1).batch_size
     if s.val_rows > 2 * per_shard:
         raise KvtoolError(f"at most {2 * per_shard} validation rows")
     rows = math.ceil(s.tokens / s.seq_len) + s.val_rows
@@ -318,7 +323,7 @@ def heal(
                                            device=device, what="heal")
     base_fp = model_fingerprint(model)
     check_fingerprint(plan.model_fingerprint, base_fp, "the plan", "pass the --model it was searched on")
-    s = with_budget(s, model_device(model))
+    s = for_device(s, model_device(model))
     t0 = time.time()
     train, val = heal_corpus(model, tokenizer, s, log=say, progress=corpus_progress)
     heldout = heldout_chunks(tokenizer).input_ids

@@ -81,7 +81,19 @@ def test_topk_loss_equals_the_kl_over_the_teachers_tokens():
             torch.testing.assert_close(topk_kl(m, ids, mask, top, logp), want, atol=1e-5, rtol=1e-5)
 
 
-SET = dict(tokens=2400, seq_len=96, batch_size=4, val_rows=4, top_k=16, eval_every=600, patience=10, lr=3e-3)
+def test_corpus_targets_are_computed_a_few_rows_at_a_time_with_the_same_result():
+    from kvtool.calibration.corpus import _targets
+
+    logits = torch.randn(7, 5, 50)
+    top, logp, last = _targets(logits, 6, rows=3)
+    lp = torch.log_softmax(logits, -1)
+    v, i = lp.topk(6, -1)
+    assert torch.equal(top, i) and torch.equal(last, lp[:, -1])
+    torch.testing.assert_close(logp, torch.log_softmax(v, -1))
+
+
+SET = dict(tokens=2400, seq_len=96, batch_size=4, val_rows=4, top_k=16, eval_every=600, patience=10, lr=3e-3,
+           sample_batch=4)
 
 
 def _check_export(m, out, ids):
@@ -194,11 +206,19 @@ def test_eval_of_a_healed_export_reports_base_unhealed_and_healed(base, tmp_path
 
 
 def test_the_default_budget_follows_the_device():
-    from kvtool.heal import DEFAULT_TOKENS, with_budget
+    from kvtool.heal import DEFAULT_SAMPLE_BATCH, DEFAULT_TOKENS, for_device
 
     auto = HealSettings().validated()
     assert auto.tokens is None
-    assert with_budget(auto, torch.device("cpu")).tokens == DEFAULT_TOKENS["cpu"] == 256_000
-    assert with_budget(auto, torch.device("meta")).tokens == DEFAULT_TOKENS["cpu"]
-    assert with_budget(auto, torch.device("cuda", 0)).tokens == DEFAULT_TOKENS["cuda"] > DEFAULT_TOKENS["cpu"]
-    assert with_budget(HealSettings(tokens=5000), torch.device("cuda")).tokens == 5000
+    assert for_device(auto, torch.device("cpu")).tokens == DEFAULT_TOKENS["cpu"] == 256_000
+    assert for_device(auto, torch.device("meta")).tokens == DEFAULT_TOKENS["cpu"]
+    assert for_device(auto, torch.device("cuda", 0)).tokens == DEFAULT_TOKENS["cuda"] > DEFAULT_TOKENS["cpu"]
+    assert for_device(HealSettings(tokens=5000), torch.device("cuda")).tokens == 5000
+    # the sampling batch (rows per corpus shard) too; a setting of the user's, or of a 0.x recipe (32), stays
+    assert for_device(auto, torch.device("cpu")).sample_batch == DEFAULT_SAMPLE_BATCH["cpu"] == 128
+    assert for_device(auto, torch.device("cuda")).sample_batch == DEFAULT_SAMPLE_BATCH["cuda"]
+    assert for_device(HealSettings(sample_batch=8), torch.device("cuda")).sample_batch == 8
+    old = {k: v for k, v in HealSettings().to_dict().items() if k != "sample_batch"}
+    assert HealSettings.from_dict(old).sample_batch == 32
+    with pytest.raises(KvtoolError, match="sampling batch"):
+        HealSettings(sample_batch=0).validated()

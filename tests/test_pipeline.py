@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import kvtool
@@ -118,7 +119,7 @@ def test_search_export_replay_gives_a_byte_identical_plan(option, tmp_path):
 
 def test_a_healed_export_replays_with_its_heal(tmp_path, monkeypatch):
     from kvtool.formats.heal_settings import HealSettings
-    from kvtool.heal import heal
+    from kvtool.heal import for_device, heal
     from kvtool.io.tiny import save_tiny
     from kvtool.search import search
 
@@ -129,7 +130,9 @@ def test_a_healed_export_replays_with_its_heal(tmp_path, monkeypatch):
                       train="attention")
     heal(plan, out=tmp_path / "h", model=base, settings=hs)
     side = read_sidecar(tmp_path / "h")
-    assert Recipe.from_dict(side["recipe"]).heal == hs and "settings" not in side["heal"]
+    # the recipe keeps the settings as they ran: the device's defaults resolved (a replay elsewhere samples alike)
+    assert Recipe.from_dict(side["recipe"]).heal == for_device(hs, torch.device("cpu"))
+    assert "settings" not in side["heal"]
     r = CliRunner().invoke(app, ["export", "--recipe", str(tmp_path / "h"), "--out", str(tmp_path / "h2")])
     assert r.exit_code == 0, r.output
     again = read_sidecar(tmp_path / "h2")

@@ -158,30 +158,39 @@ def sample_shard(model: nn.Module, tokenizer, prompts: list[list[int]], s: Corpu
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     cache = DynamicCache()
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache)).logits
     tops, logps = [], []
-    logits = out.logits.float()
     for _ in range(s.seq_len - width):
-        lp = torch.log_softmax(logits, -1)
-        v, i = lp.topk(s.top_k, dim=-1)
-        tops.append(i)
-        logps.append(torch.log_softmax(v, -1))
-        nxt = _sample(lp[:, -1], s.temperature, s.top_p, gen)
+        top, logp, last = _targets(logits, s.top_k)
+        tops.append(top)
+        logps.append(logp)
+        nxt = _sample(last, s.temperature, s.top_p, gen)
         ids = torch.cat([ids, nxt[:, None]], 1)
         mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
         if ids.shape[1] == s.seq_len:
             break
         logits = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True,
-                       **cache_kwargs(model, cache)).logits.float()
+                       **cache_kwargs(model, cache)).logits
     # targets at every position: the prefill's for the prompt, one per sampled token after it (the last row
     # position's target comes from the final step's logits)
-    logits = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True,
-                   **cache_kwargs(model, cache)).logits.float()
-    lp = torch.log_softmax(logits, -1)
-    v, i = lp.topk(s.top_k, dim=-1)
-    top = torch.cat([tops[0], *[t[:, -1:] for t in tops[1:]], i], 1)
-    logp = torch.cat([logps[0], *[t[:, -1:] for t in logps[1:]], torch.log_softmax(v, -1)], 1)
+    logits = model(input_ids=ids[:, -1:], attention_mask=mask, use_cache=True, **cache_kwargs(model, cache)).logits
+    top, logp, _ = _targets(logits, s.top_k)
+    top = torch.cat([tops[0], *[t[:, -1:] for t in tops[1:]], top], 1)
+    logp = torch.cat([logps[0], *[t[:, -1:] for t in logps[1:]], logp], 1)
     return ids.cpu(), mask.cpu(), top.cpu(), logp.cpu()
+
+
+def _targets(logits: torch.Tensor, k: int, rows: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``k`` token ids and their renormalised log-probabilities at every position of ``logits`` (B, T, V),
+    and the last position's full log-probabilities, ``rows`` rows at a time: a prefill's float32 log-softmax over
+    the vocabulary would otherwise hold another copy of every prompt position's logits at once."""
+    tops, logps = [], []
+    for r in range(0, logits.shape[0], rows):
+        lp = torch.log_softmax(logits[r : r + rows].float(), -1)
+        v, i = lp.topk(k, dim=-1)
+        tops.append(i)
+        logps.append(torch.log_softmax(v, -1))
+    return torch.cat(tops), torch.cat(logps), torch.log_softmax(logits[:, -1].float(), -1)
 
 
 def _sample(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:

@@ -31,6 +31,7 @@ class HealSettings:
     seed: int = 0
     data: str | None = None  # the text for text="calibration" (default: kvtool's calibration set)
     chat_share: float = 0.5  # generated rows whose prompt is a chat request
+    sample_batch: int | None = None  # rows the base samples at once (one corpus shard); None: by device type
 
     def validated(self) -> HealSettings:
         """Self, after checking the settings that would otherwise fail only after the corpus is built."""
@@ -39,6 +40,8 @@ class HealSettings:
             if value not in allowed:
                 raise KvtoolError(f"unknown heal {name} {value!r}; use {', '.join(allowed)}")
         budget = 1 if self.tokens is None else self.tokens
+        if self.sample_batch is not None and self.sample_batch < 1:
+            raise KvtoolError("heal settings: the sampling batch must be ≥ 1 rows")
         if min(budget, self.batch_size, self.val_rows, self.eval_every, self.top_k, self.lora_rank) < 1 \
                 or self.seq_len < 8 or self.lr <= 0:
             raise KvtoolError("heal settings: tokens, batch size, validation rows, eval interval, top-k and LoRA "
@@ -53,6 +56,8 @@ class HealSettings:
 
     @classmethod
     def from_dict(cls, d: Any) -> HealSettings:
+        if isinstance(d, dict) and "sample_batch" not in d:  # written by 0.x, which sampled 32 rows at once
+            d = {**d, "sample_batch": 32}
         return settings_from_dict(cls, d, "heal settings")
 
 
