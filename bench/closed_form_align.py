@@ -1,12 +1,18 @@
-"""A training-free repair that was tried for issue 8 and did not help (kept so the negative result reproduces).
+"""Training-free repairs that were tried (issues 8 and 24) and helped little or not at all (kept so the results
+reproduce).
 
-For each consumer j reading owner i, fit on base-model activations of the calibration text:
-- keys: per KV head and RoPE frequency pair, one complex scale c with k_j ≈ c·k_i (pre-RoPE). A complex scale
-  commutes with the RoPE rotation, so it folds exactly into the consumer's q_proj rows as conj(c);
-- values: per KV head, a least-squares matrix B with v_j ≈ B v_i, folded into the consumer's o_proj columns.
-Then print the calibration cosine / next-token KL of the plan before and after (no held-out text is used).
+For each consumer j reading owner i, fit on activations of the calibration text:
+- ``k``: per KV head and RoPE frequency pair, one complex scale c with k_j ≈ c·k_i (pre-RoPE, base model). A
+  complex scale commutes with the RoPE rotation, so it folds exactly into the consumer's q_proj rows as conj(c);
+- ``v``: per KV head, a least-squares matrix B with v_j ≈ B v_i (base model), folded into the consumer's o_proj
+  columns;
+- ``oproj``: the consumer's o_proj refitted, by ridge regression toward its own weights, so that its output on the
+  attention it actually computes under sharing (earlier consumers already refitted) matches the base model's o_proj
+  output on the same text, consumer by consumer in layer order.
+Then print the calibration cosine / next-token KL of the plan before and after, and the held-out perplexity (pydoc
+split, 8 × 256 tokens) before and after.
 
-    python bench/closed_form_align.py --calib DIR --plan plan.json --mode k|v|kv
+    python bench/closed_form_align.py --calib DIR --plan plan.json --mode k|v|kv|oproj [--ridge 0.01]
 """
 
 from __future__ import annotations
@@ -21,19 +27,30 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", required=True)
     ap.add_argument("--plan", required=True)
-    ap.add_argument("--mode", default="kv", choices=["k", "v", "kv"])
+    ap.add_argument("--mode", default="kv", choices=["k", "v", "kv", "oproj"])
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--ridge", type=float, default=0.01, help="oproj: ridge weight, relative to the mean of diag(XᵀX)")
     a = ap.parse_args()
     import kvtool
     from kvtool.crosslayer.archs import decoder_layers, kv_dims
-    from kvtool.data.texts import load_chunks
+    from kvtool.data.texts import heldout_chunks, load_chunks
     from kvtool.formats.stats import CalibrationStats
+    from kvtool.metrics import perplexity
     from kvtool.search.compare import calibration_metrics
 
     plan = kvtool.SharingPlan.load(a.plan)
     stats = CalibrationStats.load(a.calib)
     model, tok = kvtool.load()
     print("before (cosine, KL):", calibration_metrics(model, stats, plan), flush=True)
+    held = heldout_chunks(tok).input_ids
+    base_ppl, _ = perplexity(model, held)
+    with kvtool.sharing(model, plan):
+        before, _ = perplexity(model, held)
+    print(f"held-out perplexity: base {base_ppl:.3f}, shared {before:.3f} ({before / base_ppl:.3f}× base)", flush=True)
+    if a.mode == "oproj":
+        refit_o_proj(model, plan, load_chunks(None, tok, a.samples, 256, seed=0).input_ids, a.ridge)
+        report(model, stats, plan, held, base_ppl, a.mode)
+        return
     nkv, hd = kv_dims(model.config)
     group = model.config.num_attention_heads // nkv
     half = hd // 2
@@ -76,7 +93,61 @@ def main() -> None:
                 for q in heads:
                     cols = attn.o_proj.weight[:, q * hd : (q + 1) * hd]
                     cols.copy_(cols @ b)
-    print(f"after {a.mode} alignment (cosine, KL):", calibration_metrics(model, stats, plan), flush=True)
+    report(model, stats, plan, held, base_ppl, a.mode)
+
+
+def report(model, stats, plan, held, base_ppl: float, mode: str) -> None:
+    import kvtool
+    from kvtool.metrics import perplexity
+    from kvtool.search.compare import calibration_metrics
+
+    print(f"after {mode} alignment (cosine, KL):", calibration_metrics(model, stats, plan), flush=True)
+    with kvtool.sharing(model, plan):
+        after, _ = perplexity(model, held)
+    print(f"held-out perplexity after {mode}: {after:.3f} ({after / base_ppl:.3f}× base)", flush=True)
+
+
+@torch.no_grad()
+def refit_o_proj(model, plan, ids: torch.Tensor, ridge: float) -> None:
+    """Each consumer's o_proj W ← argmin ‖X Wᵀ − Y‖² + λ‖W − W₀‖², X its inputs under sharing (earlier consumers
+    refitted), Y the base's o_proj outputs on the same tokens, λ = ridge · mean(diag XᵀX)."""
+    import kvtool
+    from kvtool.crosslayer.archs import decoder_layers
+
+    layers = decoder_layers(model)
+    consumers = [j for j, i in enumerate(plan.kv_source_layers) if i != j]
+
+    def capture(want: list[int], shared: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        xs: dict[int, list] = {j: [] for j in want}
+        ys: dict[int, list] = {j: [] for j in want}
+
+        def hook(j):
+            def record(_m, inp, out):
+                xs[j].append(inp[0].reshape(-1, inp[0].shape[-1]).double())
+                ys[j].append(out.reshape(-1, out.shape[-1]).double())
+            return record
+
+        hooks = [layers[j].self_attn.o_proj.register_forward_hook(hook(j)) for j in want]
+        try:
+            with kvtool.sharing(model, plan) if shared else torch.no_grad():
+                for s in range(0, ids.shape[0], 8):
+                    model(input_ids=ids[s : s + 8], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {j: (torch.cat(xs[j]), torch.cat(ys[j])) for j in want}
+
+    target = {j: y for j, (_, y) in capture(consumers, shared=False).items()}  # the base, before any refit
+    for j in consumers:
+        y = target[j]
+        x = capture([j], shared=True)[j][0]
+        w0 = layers[j].self_attn.o_proj.weight
+        gram = x.T @ x
+        lam = ridge * gram.diagonal().mean()
+        w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y + lam * w0.double().T).T
+        err = [float(((x @ m.T - y) ** 2).sum() / (y**2).sum()) for m in (w0.double(), w)]
+        w0.copy_(w.to(w0.dtype))
+        print(f"  layer {j}: relative output error {err[0]:.4f} → {err[1]:.4f}", flush=True)
 
 
 if __name__ == "__main__":
