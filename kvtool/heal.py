@@ -56,8 +56,8 @@ def corpus_settings(s: HealSettings, rows: int) -> CorpusSettings:
 # SmolLM2's 30% map; ~17 min of training on 2 cores, once the corpus is cached). CUDA: the curve had not flattened
 # at 250k, and a GPU trains and samples 8M tokens in minutes (an extrapolation: no GPU run was measured).
 DEFAULT_TOKENS = {"cpu": 256_000, "cuda": 8_000_000}
-# Rows the base samples at once (one corpus shard) per device type. CPU: 128 rows sample SmolLM2's corpus 1.5×
-# faster than 32 on 2 cores (bench/corpus_speed.py; docs/RESULTS.md); CUDA: more rows fill a GPU (not measured).
+# Rows the base samples at once (one corpus shard) per device type. CPU: 128 rows sampled SmolLM2's corpus 1.26×
+# as fast as 32 (bench/corpus_speed.py, docs/RESULTS.md); CUDA: more rows fill a GPU (not measured).
 DEFAULT_SAMPLE_BATCH = {"cpu": 128, "cuda": 256}
 
 
