@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--plot", default=None)
     ap.add_argument("--also", default=None, help="another run's JSON to draw beside this one")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--sample-batch", type=int, default=None,
+                    help="rows sampled at once (a corpus shard; 32: a corpus written before 128 was the default)")
     a = ap.parse_args()
     import torch
 
@@ -69,7 +71,8 @@ def main() -> None:
     with kvtool.sharing(model, plan):
         start = {"tokens": 0, **measure(0, model)}
     out = a.out or tempfile.mkdtemp() + "/healed"
-    s = HealSettings(tokens=a.tokens, train=a.train, schedule=a.schedule, lr=a.lr, patience=a.patience)
+    s = HealSettings(tokens=a.tokens, train=a.train, schedule=a.schedule, lr=a.lr, patience=a.patience,
+                     sample_batch=a.sample_batch)
     t0 = time.time()
     res = heal(plan, out=out, model=model, tokenizer=tok, settings=s, force=True, log=print,
                checkpoints=tuple(int(x) for x in a.checkpoints.split(",") if x), checkpoint=measure)
