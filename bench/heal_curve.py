@@ -10,6 +10,7 @@ a run whose schedule was cut short.
 
     python bench/heal_curve.py --plan runs/plan.json --tokens 256000 --checkpoints 32000,77000,154000 \\
         --json docs/data/heal_curve.json [--plot docs/img/heal_curve.png] [--train attention] [--threads 2]
+    python bench/heal_curve.py --redraw --json RUN.json --also OTHER.json --plot docs/img/heal_curve.png
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--plan", required=True)
+    ap.add_argument("--plan")
     ap.add_argument("--tokens", type=int, default=256_000)
     ap.add_argument("--checkpoints", default="32000,77000,154000")
     ap.add_argument("--train", default="attention")
@@ -34,11 +35,18 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="keep the healed export here (default: a temporary directory)")
     ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--also", default=None, help="another run's JSON to draw beside this one")
+    ap.add_argument("--also", action="append", default=[], help="another run's JSON to draw beside this one")
+    ap.add_argument("--redraw", action="store_true", help="train nothing: draw --plot from --json and --also")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--sample-batch", type=int, default=None,
                     help="rows sampled at once (a corpus shard; 32: a corpus written before 128 was the default)")
     a = ap.parse_args()
+    if a.redraw:
+        if not a.plot:
+            ap.error("--redraw draws --plot")
+        return draw(Path(a.plot), [Path(a.json), *map(Path, a.also)])
+    if not a.plan:
+        ap.error("--plan is required (or --redraw)")
     import torch
 
     if a.threads:
@@ -49,7 +57,6 @@ def main() -> None:
     from kvtool.evaluation.variants import Variants
     from kvtool.heal import HealSettings, heal
     from kvtool.metrics import perplexity
-    from kvtool.plots import heal_curve
 
     model, tok = kvtool.load()
     reference, _ = kvtool.load()  # the base, untouched, for the greedy comparison
@@ -87,12 +94,17 @@ def main() -> None:
            "name": name, "export": out}
     Path(a.json).write_text(json.dumps(doc, indent=1))
     if a.plot:
-        curves = {name: doc["curve"]}
-        if a.also:
-            other = json.loads(Path(a.also).read_text())
-            curves[other["name"]] = other["curve"]
-        Path(a.plot).write_bytes(heal_curve(curves, base_ppl))
+        draw(Path(a.plot), [Path(a.json), *map(Path, a.also)])
     print(json.dumps({k: doc[k] for k in ("train_tokens_per_second", "corpus_tokens_per_second", "seconds")}))
+
+
+def draw(png: Path, runs: list[Path]) -> None:
+    """One line per run's JSON, labelled with its name and token budget."""
+    from kvtool.plots import heal_curve
+
+    docs = [json.loads(r.read_text()) for r in runs]
+    curves = {f"{d['name']}, {d['settings']['tokens']:,} tokens": d["curve"] for d in docs}
+    png.write_bytes(heal_curve(curves, docs[0]["base_ppl"]))
 
 
 if __name__ == "__main__":
