@@ -18,6 +18,7 @@ split, 8 × 256 tokens) before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -44,8 +45,7 @@ def main() -> None:
     print("before (cosine, KL):", calibration_metrics(model, stats, plan), flush=True)
     held = heldout_chunks(tok).input_ids
     base_ppl, _ = perplexity(model, held)
-    with kvtool.sharing(model, plan):
-        before, _ = perplexity(model, held)
+    before = shared_perplexity(model, plan, held)
     print(f"held-out perplexity: base {base_ppl:.3f}, shared {before:.3f} ({before / base_ppl:.3f}× base)", flush=True)
     if a.mode == "oproj":
         refit_o_proj(model, plan, load_chunks(None, tok, a.samples, 256, seed=0).input_ids, a.ridge)
@@ -55,21 +55,11 @@ def main() -> None:
     group = model.config.num_attention_heads // nkv
     half = hd // 2
     layers = decoder_layers(model)
-    ks: dict[int, list] = {i: [] for i in range(len(layers))}
-    vs: dict[int, list] = {i: [] for i in range(len(layers))}
-    hooks = []
-    for n, layer in enumerate(layers):
-        hooks.append(layer.self_attn.k_proj.register_forward_hook(
-            lambda m, i, o, n=n: ks[n].append(o.reshape(-1, nkv, hd).double())))
-        hooks.append(layer.self_attn.v_proj.register_forward_hook(
-            lambda m, i, o, n=n: vs[n].append(o.reshape(-1, nkv, hd).double())))
     ids = load_chunks(None, tok, a.samples, 128, seed=17).input_ids
-    for s in range(0, ids.shape[0], 8):
-        model.model(input_ids=ids[s : s + 8], use_cache=False)
-    for h in hooks:
-        h.remove()
-    K = {n: torch.cat(x) for n, x in ks.items()}
-    V = {n: torch.cat(x) for n, x in vs.items()}
+    kv = activations(model, {(n, w): getattr(layer.self_attn, f"{w}_proj") for n, layer in enumerate(layers)
+                             for w in "kv"}, ids)
+    K = {n: y.reshape(-1, nkv, hd) for (n, w), (_, y) in kv.items() if w == "k"}
+    V = {n: y.reshape(-1, nkv, hd) for (n, w), (_, y) in kv.items() if w == "v"}
     for j, i in enumerate(plan.kv_source_layers):
         if i == j:
             continue
@@ -96,14 +86,46 @@ def main() -> None:
     report(model, stats, plan, held, base_ppl, a.mode)
 
 
-def report(model, stats, plan, held, base_ppl: float, mode: str) -> None:
+def shared_perplexity(model, plan, held: torch.Tensor) -> float:
     import kvtool
     from kvtool.metrics import perplexity
+
+    with kvtool.sharing(model, plan):
+        return perplexity(model, held)[0]
+
+
+@torch.no_grad()
+def activations(model, modules: dict, ids: torch.Tensor, plan=None, inputs: bool = False) -> dict:
+    """key → (inputs or None, outputs) of each module in ``modules`` over ``ids`` (8 rows at a time), one row per
+    token, in float64; under ``plan``'s sharing when given."""
+    import kvtool
+
+    xs: dict = {k: [] for k in modules}
+    ys: dict = {k: [] for k in modules}
+
+    def hook(k):
+        def record(_m, inp, out):
+            if inputs:
+                xs[k].append(inp[0].reshape(-1, inp[0].shape[-1]).double())
+            ys[k].append(out.reshape(-1, out.shape[-1]).double())
+        return record
+
+    hooks = [m.register_forward_hook(hook(k)) for k, m in modules.items()]
+    try:
+        with kvtool.sharing(model, plan) if plan is not None else contextlib.nullcontext():
+            for s in range(0, ids.shape[0], 8):
+                model.model(input_ids=ids[s : s + 8], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: (torch.cat(xs[k]) if inputs else None, torch.cat(ys[k])) for k in modules}
+
+
+def report(model, stats, plan, held, base_ppl: float, mode: str) -> None:
     from kvtool.search.compare import calibration_metrics
 
     print(f"after {mode} alignment (cosine, KL):", calibration_metrics(model, stats, plan), flush=True)
-    with kvtool.sharing(model, plan):
-        after, _ = perplexity(model, held)
+    after = shared_perplexity(model, plan, held)
     print(f"held-out perplexity after {mode}: {after:.3f} ({after / base_ppl:.3f}× base)", flush=True)
 
 
@@ -111,37 +133,14 @@ def report(model, stats, plan, held, base_ppl: float, mode: str) -> None:
 def refit_o_proj(model, plan, ids: torch.Tensor, ridge: float) -> None:
     """Each consumer's o_proj W ← argmin ‖X Wᵀ − Y‖² + λ‖W − W₀‖², X its inputs under sharing (earlier consumers
     refitted), Y the base's o_proj outputs on the same tokens, λ = ridge · mean(diag XᵀX)."""
-    import kvtool
     from kvtool.crosslayer.archs import decoder_layers
 
     layers = decoder_layers(model)
-    consumers = [j for j, i in enumerate(plan.kv_source_layers) if i != j]
-
-    def capture(want: list[int], shared: bool) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        xs: dict[int, list] = {j: [] for j in want}
-        ys: dict[int, list] = {j: [] for j in want}
-
-        def hook(j):
-            def record(_m, inp, out):
-                xs[j].append(inp[0].reshape(-1, inp[0].shape[-1]).double())
-                ys[j].append(out.reshape(-1, out.shape[-1]).double())
-            return record
-
-        hooks = [layers[j].self_attn.o_proj.register_forward_hook(hook(j)) for j in want]
-        try:
-            with kvtool.sharing(model, plan) if shared else torch.no_grad():
-                for s in range(0, ids.shape[0], 8):
-                    model(input_ids=ids[s : s + 8], use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
-        return {j: (torch.cat(xs[j]), torch.cat(ys[j])) for j in want}
-
-    target = {j: y for j, (_, y) in capture(consumers, shared=False).items()}  # the base, before any refit
-    for j in consumers:
-        y = target[j]
-        x = capture([j], shared=True)[j][0]
-        w0 = layers[j].self_attn.o_proj.weight
+    o_proj = {j: layers[j].self_attn.o_proj for j, i in enumerate(plan.kv_source_layers) if i != j}
+    target = {j: y for j, (_, y) in activations(model, o_proj, ids).items()}  # the base, before any refit
+    for j, y in target.items():
+        x, _ = activations(model, {j: o_proj[j]}, ids, plan, inputs=True)[j]
+        w0 = o_proj[j].weight
         gram = x.T @ x
         lam = ridge * gram.diagonal().mean()
         w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y + lam * w0.double().T).T
